@@ -1,0 +1,32 @@
+"""Arguments shared by several commands."""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import storage
+from ..models.text import clean_class_names
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--classes", help='comma-separated class names, e.g. "sky,grass,red circle"')
+    parser.add_argument("--classes-file", help="file (path or s3://) with one class name per line")
+    parser.add_argument("--preset", default="tiny",
+                        help="model preset: tiny (random weights), r101c-vitb16, swinb-vitl14 (default tiny)")
+    parser.add_argument("--weights", default=None, help="checkpoint path or s3:// URI (our layout)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+
+
+def read_class_names(classes: str | None, classes_file: str | None) -> list[str]:
+    """Class names from ``--classes`` or ``--classes-file`` (one per line, blank lines skipped)."""
+    if classes and classes_file:
+        raise ValueError("give either --classes or --classes-file, not both")
+    if classes_file:
+        text = storage.read_bytes(classes_file).decode("utf-8")
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+        if not names:
+            raise ValueError(f"class file {classes_file} has no class names")
+        return clean_class_names(names)
+    if classes is None:
+        raise ValueError("no classes given: use --classes or --classes-file")
+    return clean_class_names([c for c in classes.split(",")] if classes.strip() else [])

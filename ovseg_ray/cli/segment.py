@@ -1,0 +1,50 @@
+"""``ovseg-ray segment``: segment image files with any vocabulary and write label PNG, overlay, JSON."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from .common import add_model_arguments, read_class_names
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("segment", help="segment images with an open vocabulary", description=__doc__)
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image paths or s3:// URIs")
+    add_model_arguments(parser)
+    parser.add_argument("--out", default="runs/segment", help="output folder or s3:// prefix (default runs/segment)")
+    parser.add_argument("--lambda", dest="lam", type=float, default=None,
+                        help="CLIP weight in the ensemble: 0 = MaskFormer only, 1 = CLIP only (preset default 0.7)")
+    parser.add_argument("--mask-threshold", type=float, default=None, help="proposal binarisation threshold")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.images import load_image
+    from ..inference import Segmenter
+    from ..models.ovseg import build_model
+    from ..outputs import write_segmentation
+
+    classes = read_class_names(args.classes, args.classes_file)
+    model = build_model(args.preset, weights=args.weights, device=args.device)
+    segmenter = Segmenter(model)
+    failures = 0
+    for uri in args.images:
+        start = time.perf_counter()
+        try:
+            image = load_image(uri)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}")
+            failures += 1
+            continue
+        result = segmenter.segment(image, classes, lam=args.lam, mask_threshold=args.mask_threshold)
+        stem = os.path.splitext(os.path.basename(uri.rstrip("/")))[0]
+        paths = write_segmentation(args.out, stem, image, result)
+        present = sorted(((f, c) for c, f in result.pixel_fractions().items() if f > 0), reverse=True)
+        top = ", ".join(f"{c} {f:.0%}" for f, c in present[:5])
+        print(f"{uri}: {image.shape[1]}x{image.shape[0]} -> {paths['label_png']} "
+              f"({time.perf_counter() - start:.2f}s; {top})")
+    print(f"segmented {len(args.images) - failures} of {len(args.images)} images into {args.out}"
+          + (f"; {failures} could not be read" if failures else ""))
+    return 1 if failures else 0

@@ -1,0 +1,125 @@
+"""Pydantic configuration: YAML files, dotted command-line overrides, errors that name the field."""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or wrong; the message names the field."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown fields are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def format_validation_error(error: ValidationError, source: str = "config") -> str:
+    lines = [f"invalid {source}:"]
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(root)"
+        value = item.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {field}: {item['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(model: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
+    """Build ``model`` from a YAML file (optional) plus ``{"a.b": value}`` overrides."""
+    data: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = f"config {path}"
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of fields, got {type(loaded).__name__}")
+        data = loaded or {}
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def _leaf_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any, str]]:
+    fields = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        dotted = f"{prefix}{name}"
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            fields.extend(_leaf_fields(annotation, dotted + "."))
+        else:
+            fields.append((dotted, annotation, info.description or ""))
+    return fields
+
+
+def _is_list(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_list(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+    return origin in (list, tuple)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """``--config FILE`` plus one ``--field.sub-field VALUE`` flag per leaf field of ``model``.
+
+    Values are parsed as YAML scalars (``--batch-size 8``, ``--use-gpu true``); list fields take a
+    comma-separated list or a YAML list.
+    """
+    parser.add_argument("--config", help="YAML file with the fields below (flags override it)")
+    group = parser.add_argument_group("config fields (override the YAML)")
+    for dotted, annotation, description in _leaf_fields(model):
+        flag = "--" + dotted.replace("_", "-")
+        group.add_argument(flag, dest=f"cfg:{dotted}", default=None, metavar="VALUE",
+                           help=description or None)
+        if _is_list(annotation):
+            parser.set_defaults(**{f"list:{dotted}": True})
+
+
+def _parse_value(raw: str, as_list: bool) -> Any:
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    if as_list and isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def config_from_args(args: argparse.Namespace, model: type[T]) -> T:
+    overrides = {}
+    for key, raw in vars(args).items():
+        if key.startswith("cfg:") and raw is not None:
+            dotted = key[4:]
+            overrides[dotted] = _parse_value(raw, bool(getattr(args, f"list:{dotted}", False)))
+    return load_config(model, getattr(args, "config", None), overrides)

@@ -1,0 +1,1 @@
+"""Datasets: synthetic COCO-format scenes, image decoding, benchmark class lists and readers."""

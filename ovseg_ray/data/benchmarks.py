@@ -1,0 +1,40 @@
+"""Benchmark class lists shipped with the package (ADE-150/847, PC-59/459, VOC-20, COCO-Stuff-171)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import BaseModel
+
+CLASSES_DIR = Path(__file__).parent / "classes"
+BENCHMARK_FILES = {
+    "ade20k_150": "ade20k_150.json",
+    "ade20k_847": "ade20k_847.json",
+    "pascal_context_59": "pascal_context_59.json",
+    "pascal_context_459": "pascal_context_459.json",
+    "pascal_voc_20": "pascal_voc_20.json",
+    "coco_stuff_171": "coco_stuff_171.json",
+}
+
+
+class ClassList(BaseModel):
+    name: str
+    num_classes: int
+    ignore_label: int
+    label_format: str
+    classes: list[str]
+    clean_classes: list[str]
+
+    def prompt_names(self) -> list[str]:
+        """Names to embed: the full source strings, stripped (unique even where first synonyms repeat)."""
+        return [c.strip() for c in self.classes]
+
+
+@lru_cache(maxsize=None)
+def class_list(benchmark: str) -> ClassList:
+    if benchmark not in BENCHMARK_FILES:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARK_FILES)}")
+    data = json.loads((CLASSES_DIR / BENCHMARK_FILES[benchmark]).read_text())
+    return ClassList.model_validate({k: data[k] for k in ClassList.model_fields})

@@ -1,0 +1,168 @@
+"""Two-stage OVSeg inference in plain PyTorch (no Ray): proposals, masked-CLIP regions, ensemble, fusion.
+
+The stages are separate methods so that serving can run them in different processes:
+:meth:`Segmenter.propose` (MaskFormer), :meth:`Segmenter.classify_regions` (masked CLIP) and
+:meth:`Segmenter.fuse` (ensemble + per-pixel argmax). :meth:`Segmenter.segment` chains them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models.ensemble import clip_probs, ensemble_probs, maskformer_probs, semantic_labels
+from .models.ovseg import OVSegModel
+from .models.regions import RegionPreprocessor
+from .models.text import TextEmbedder, clean_class_names
+
+
+@dataclass
+class Proposals:
+    """MaskFormer output for one image at its processing size (the resized image)."""
+
+    image: torch.Tensor  # (3, h, w) float 0-255, the resized image the masks refer to
+    class_embeddings: torch.Tensor  # (Q, E) unit norm
+    mask_logits: torch.Tensor  # (Q, h, w)
+
+    def binary_masks(self, threshold: float) -> torch.Tensor:
+        return self.mask_logits.sigmoid() > threshold
+
+
+@dataclass
+class SegmentationResult:
+    labels: np.ndarray  # (H, W) int32 class index per pixel, at the input image's size
+    classes: list[str]
+    num_proposals: int
+    num_valid_regions: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def pixel_fractions(self) -> dict[str, float]:
+        counts = np.bincount(self.labels.ravel(), minlength=len(self.classes))
+        total = float(self.labels.size)
+        return {name: float(counts[i]) / total for i, name in enumerate(self.classes)}
+
+
+def processing_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
+    """Shorter side to ``min_size``, longer side capped at ``max_size`` (detectron2's test resize)."""
+    scale = min_size / min(height, width)
+    if max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be (H, W, 3) RGB, got shape {image.shape}")
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+
+
+class Segmenter:
+    """Runs an :class:`OVSegModel` on images with any vocabulary."""
+
+    def __init__(self, model: OVSegModel, text_cache_size: int = 8192):
+        self.model = model.eval()
+        self.config = model.config
+        self.text = TextEmbedder(model.clip, model.tokenizer, model.config.template_list(), cache_size=text_cache_size)
+        self.regions = RegionPreprocessor(
+            size=model.region_encoder.image_size, interpolation=model.config.region_interpolation
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def resize_for_model(self, image: np.ndarray) -> torch.Tensor:
+        """(3, h, w) float 0-255 on the model's device, resized to the preset's processing size."""
+        tensor = image_to_tensor(image).to(self.device)
+        height, width = tensor.shape[-2:]
+        size = processing_size(height, width, self.config.min_size, self.config.max_size)
+        if size == (height, width):
+            return tensor
+        resized = F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False, antialias=True)
+        return resized[0].clamp_(0, 255)
+
+    @torch.no_grad()
+    def propose(self, image: np.ndarray) -> Proposals:
+        resized = self.resize_for_model(image)
+        out = self.model.maskformer.propose(resized)
+        return Proposals(resized, out["class_embeddings"], out["mask_logits"])
+
+    @torch.no_grad()
+    def embed_regions(self, image: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit-norm masked-CLIP embeddings (K, E) of the non-empty ``masks`` and the (Q,) valid flags."""
+        batch = self.regions(image.to(self.device), masks.to(self.device))
+        if len(batch) == 0:
+            return torch.zeros(0, self.model.region_encoder.output_dim, device=self.device), batch.valid
+        embeddings = self.model.region_encoder(batch.images, batch.masks)
+        return F.normalize(embeddings.float(), dim=-1), batch.valid
+
+    def classify_regions(self, image: torch.Tensor, masks: torch.Tensor, classes: list[str]):
+        """CLIP class probabilities (K, C) of the valid masks, plus the valid flags."""
+        embeddings, valid = self.embed_regions(image, masks)
+        text = self.text(classes)
+        return clip_probs(embeddings, text, self.config.temperature), valid
+
+    def maskformer_probs(self, class_embeddings: torch.Tensor, classes: list[str]) -> torch.Tensor:
+        text = self.text(classes)
+        return maskformer_probs(class_embeddings, text, self.model.non_object_embedding, self.config.temperature)
+
+    @torch.no_grad()
+    def fuse(
+        self,
+        p_maskformer: torch.Tensor,
+        p_clip: torch.Tensor,
+        valid: torch.Tensor,
+        mask_logits: torch.Tensor,
+        output_size: tuple[int, int],
+        lam: float,
+    ) -> np.ndarray:
+        probs = ensemble_probs(p_maskformer, p_clip, valid.to(p_maskformer.device), lam)
+        logits = mask_logits
+        if tuple(logits.shape[-2:]) != tuple(output_size):
+            logits = F.interpolate(logits[None], size=output_size, mode="bilinear", align_corners=False)[0]
+        return semantic_labels(probs, logits).to(torch.int32).cpu().numpy()
+
+    @torch.no_grad()
+    def segment(
+        self,
+        image: np.ndarray,
+        classes: list[str],
+        lam: float | None = None,
+        mask_threshold: float | None = None,
+    ) -> SegmentationResult:
+        """Semantic map of ``image`` ((H, W, 3) uint8 RGB) over ``classes``, at the image's size."""
+        classes = clean_class_names(classes)
+        lam = self.config.ensemble_lambda if lam is None else float(lam)
+        threshold = self.config.mask_threshold if mask_threshold is None else float(mask_threshold)
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"mask_threshold must be within (0, 1), got {threshold}")
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lambda must be within [0, 1], got {lam}")
+        timings = {}
+        start = time.perf_counter()
+        proposals = self.propose(image)
+        timings["proposals_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        p_mf = self.maskformer_probs(proposals.class_embeddings, classes)
+        if lam > 0.0:
+            p_clip, valid = self.classify_regions(proposals.image, proposals.binary_masks(threshold), classes)
+        else:  # MaskFormer only: the CLIP stage is skipped entirely
+            valid = torch.zeros(p_mf.shape[0], dtype=torch.bool, device=p_mf.device)
+            p_clip = p_mf[:0]
+        timings["regions_s"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        labels = self.fuse(p_mf, p_clip, valid, proposals.mask_logits, image.shape[:2], lam)
+        timings["fusion_s"] = time.perf_counter() - start
+        return SegmentationResult(
+            labels=labels,
+            classes=classes,
+            num_proposals=int(p_mf.shape[0]),
+            num_valid_regions=int(valid.sum()),
+            timings=timings,
+        )

@@ -1,0 +1,135 @@
+"""The OVSeg model: open-vocabulary MaskFormer + mask-adapted CLIP, built from named presets.
+
+State-dict layout (our checkpoints): ``maskformer.*`` (MaskFormer names), ``clip.*`` (open_clip
+names, both towers), ``region_encoder.mask_prompts`` and ``non_object_embedding``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from ..config import StrictModel
+from ..device import resolve_device
+from .checkpoint import check_and_load, read_checkpoint, unwrap_state_dict
+from .clip import clip_tokenizer, create_clip, freeze_text_tower, known_clip_architectures
+from .maskformer import MaskFormerConfig, OpenVocabMaskFormer
+from .masked_clip import MaskedVisionEncoder
+from .regions import INTERPOLATIONS
+from .text import BARE_TEMPLATE, VILD_TEMPLATES
+
+PRESET_DIR = Path(__file__).parent / "presets"
+_ALIAS_PREFIX = "region_encoder.visual."
+
+
+class OVSegConfig(StrictModel):
+    name: str = "custom"
+    description: str = ""
+    clip_arch: str = Field(description="open_clip architecture name, e.g. ViT-B-16-quickgelu")
+    prompt_depth: int = Field(3, ge=0, description="mask prompt depth (0 = no mask prompts)")
+    maskformer: MaskFormerConfig = MaskFormerConfig()
+    min_size: int = Field(512, gt=0, description="shorter image side fed to the MaskFormer")
+    max_size: int = Field(2048, gt=0, description="cap on the longer side")
+    region_interpolation: str = "bicubic"
+    templates: str = Field("vild", description="text templates: vild (14 ViLD prompts) or bare")
+    temperature: float = Field(100.0, gt=0)
+    mask_threshold: float = Field(0.4, gt=0, lt=1, description="sigmoid threshold that binarises proposals")
+    ensemble_lambda: float = Field(0.7, ge=0, le=1, description="weight of CLIP in the ensemble")
+
+    @field_validator("clip_arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value not in known_clip_architectures():
+            raise ValueError(f"unknown CLIP architecture {value!r}")
+        return value
+
+    @field_validator("region_interpolation")
+    @classmethod
+    def _known_interp(cls, value: str) -> str:
+        if value not in INTERPOLATIONS:
+            raise ValueError(f"must be one of {INTERPOLATIONS}")
+        return value
+
+    @field_validator("templates")
+    @classmethod
+    def _known_templates(cls, value: str) -> str:
+        if value not in ("vild", "bare"):
+            raise ValueError("must be 'vild' or 'bare'")
+        return value
+
+    def template_list(self) -> tuple[str, ...]:
+        return VILD_TEMPLATES if self.templates == "vild" else BARE_TEMPLATE
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def load_preset(name: str) -> OVSegConfig:
+    path = PRESET_DIR / f"{name}.json"
+    if not path.exists():
+        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(preset_names())}")
+    return OVSegConfig.model_validate(json.loads(path.read_text()))
+
+
+class OVSegModel(nn.Module):
+    def __init__(self, config: OVSegConfig):
+        super().__init__()
+        self.config = config
+        self.clip = create_clip(config.clip_arch)
+        freeze_text_tower(self.clip)
+        self.region_encoder = MaskedVisionEncoder(self.clip.visual, config.prompt_depth)
+        embed_dim = self.region_encoder.output_dim
+        self.maskformer = OpenVocabMaskFormer(config.maskformer, embed_dim)
+        self.non_object_embedding = nn.Parameter(torch.empty(1, embed_dim))
+        nn.init.normal_(self.non_object_embedding, std=self.clip.transformer.width**-0.5)
+        self.tokenizer = clip_tokenizer(config.clip_arch)
+        # clip.visual is shared with region_encoder.visual: keep one copy of it in state dicts.
+        self.register_state_dict_post_hook(_drop_alias_keys)
+        self.register_load_state_dict_pre_hook(_fill_alias_keys)
+
+    @property
+    def device(self) -> torch.device:
+        return self.non_object_embedding.device
+
+
+def _drop_alias_keys(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + _ALIAS_PREFIX)]:
+        del state_dict[key]
+
+
+def _fill_alias_keys(module, state_dict, prefix, *args) -> None:
+    source = prefix + "clip.visual."
+    for key in [k for k in state_dict if k.startswith(source)]:
+        state_dict[prefix + _ALIAS_PREFIX + key[len(source):]] = state_dict[key]
+
+
+def build_model(
+    preset: str | OVSegConfig = "tiny",
+    weights: str | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> OVSegModel:
+    """Build a model from a preset name or config; load ``weights`` (path or s3:// URI) if given.
+
+    Without weights the parameters are random but reproducible: every process that builds the same
+    preset with the same seed gets identical weights (so Ray workers agree with each other).
+    """
+    config = load_preset(preset) if isinstance(preset, str) else preset
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = OVSegModel(config)
+    if weights:
+        load_weights(model, weights)
+    return model.to(resolve_device(device)).eval()
+
+
+def load_weights(model: OVSegModel, uri: str) -> None:
+    """Load our own checkpoint layout from ``uri``; mismatches raise an error listing the keys."""
+    state = unwrap_state_dict(read_checkpoint(uri), uri)
+    expected = model.state_dict()
+    check_and_load(model, {k: v.to(expected[k].dtype) if k in expected else v for k, v in state.items()}, uri)

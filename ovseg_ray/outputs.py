@@ -1,0 +1,97 @@
+"""What a segmentation produces: a label PNG, a colour overlay with a legend, and a JSON with RLEs.
+
+Shared by ``ovseg-ray segment``, batch segmentation and the HTTP service.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+
+import cv2
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from . import storage
+from .data.images import encode_png
+from .inference import SegmentationResult
+
+OUTPUT_KINDS = ("label_png", "overlay_png", "rle")
+
+
+def palette(num_classes: int) -> np.ndarray:
+    """(N, 3) uint8 colours, well spread in hue and stable for a given class index."""
+    colours = []
+    for index in range(num_classes):
+        hue = (index * 0.618033988749895) % 1.0
+        lightness = 0.45 + 0.1 * ((index // 7) % 3)
+        colours.append([int(255 * c) for c in colorsys.hls_to_rgb(hue, lightness, 0.75)])
+    return np.array(colours, dtype=np.uint8).reshape(-1, 3)
+
+
+def label_png(labels: np.ndarray, num_classes: int) -> bytes:
+    """Class index per pixel: 8-bit PNG up to 256 classes, 16-bit beyond."""
+    dtype = np.uint8 if num_classes <= 256 else np.uint16
+    return encode_png(labels.astype(dtype))
+
+
+def overlay_png(image: np.ndarray, labels: np.ndarray, classes: list[str], alpha: float = 0.55) -> bytes:
+    """The image blended with class colours, with a legend of the classes present on the right."""
+    colours = palette(len(classes))
+    blended = (image.astype(np.float32) * (1 - alpha) + colours[labels].astype(np.float32) * alpha).astype(np.uint8)
+    present = [int(i) for i in np.unique(labels)]
+    row_height, pad = 18, 6
+    text_width = max(cv2.getTextSize(classes[i][:40], cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)[0][0] for i in present)
+    legend_width = text_width + 3 * pad + 14
+    height = max(image.shape[0], pad + row_height * len(present))
+    canvas = np.full((height, image.shape[1] + legend_width, 3), 255, np.uint8)
+    canvas[: image.shape[0], : image.shape[1]] = blended
+    x = image.shape[1] + pad
+    for row, index in enumerate(present):
+        y = pad + row * row_height
+        canvas[y : y + 12, x : x + 14] = colours[index]
+        cv2.putText(canvas, classes[index][:40], (x + 14 + pad, y + 11), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    return encode_png(canvas)
+
+
+def class_rles(labels: np.ndarray, classes: list[str]) -> dict[str, dict]:
+    """COCO RLE (``size``, ``counts`` as text) for every class present in ``labels``."""
+    rles = {}
+    for index in np.unique(labels):
+        rle = mask_utils.encode(np.asfortranarray((labels == index).astype(np.uint8)))
+        rles[classes[int(index)]] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
+    return rles
+
+
+def result_summary(result: SegmentationResult, with_rle: bool = True, with_timings: bool = False) -> dict:
+    """JSON-ready description: class list, per-class pixel fractions, RLEs of the classes present.
+
+    Timings are left out by default so that the same input always gives the same file.
+    """
+    summary = {
+        "classes": result.classes,
+        "height": int(result.labels.shape[0]),
+        "width": int(result.labels.shape[1]),
+        "pixel_fractions": result.pixel_fractions(),
+        "num_proposals": result.num_proposals,
+        "num_valid_regions": result.num_valid_regions,
+    }
+    if with_timings:
+        summary["timings"] = {k: round(v, 6) for k, v in result.timings.items()}
+    if with_rle:
+        summary["rle"] = class_rles(result.labels, result.classes)
+    return summary
+
+
+def write_segmentation(out_dir: str, stem: str, image: np.ndarray, result: SegmentationResult) -> dict[str, str]:
+    """Write ``STEM.labels.png``, ``STEM.overlay.png`` and ``STEM.json`` under ``out_dir`` (path or s3://)."""
+    paths = {
+        "label_png": storage.join(out_dir, f"{stem}.labels.png"),
+        "overlay_png": storage.join(out_dir, f"{stem}.overlay.png"),
+        "json": storage.join(out_dir, f"{stem}.json"),
+    }
+    storage.write_bytes(paths["label_png"], label_png(result.labels, len(result.classes)))
+    storage.write_bytes(paths["overlay_png"], overlay_png(image, result.labels, result.classes))
+    storage.write_text(paths["json"], json.dumps(result_summary(result), indent=1))
+    return paths

@@ -1,0 +1,106 @@
+"""Shared fixtures: one local Ray instance and one moto S3 server for the whole test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("NLTK_DATA", str(REPO.parent / "shared" / "nltk_data"))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 endpoint (moto in server mode) on 127.0.0.1; AWS_* variables point at it."""
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.1)
+    os.environ.update(S3_ENV)
+    os.environ["AWS_ENDPOINT_URL"] = endpoint
+    yield endpoint
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh, empty bucket; returns its ``s3://name`` URI."""
+    import uuid
+
+    import s3fs
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir(name)
+    s3fs.S3FileSystem.clear_instance_cache()
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One local Ray instance (2 CPUs, capped object store) shared by every test that needs Ray."""
+    import ray
+
+    env = {k: os.environ[k] for k in (*S3_ENV, "AWS_ENDPOINT_URL", "NLTK_DATA", "RAY_AUTH_MODE")}
+    ray.init(
+        num_cpus=2,
+        num_gpus=0,
+        object_store_memory=400 * 1024 * 1024,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": env},
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory):
+    """The synthetic COCO-format dataset (12 images, 4 evaluation images), generated once."""
+    from ovseg_ray.data.synth import generate_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(str(out), images=12, seed=7, eval_images=4)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from ovseg_ray.models.ovseg import build_model
+
+    return build_model("tiny")
