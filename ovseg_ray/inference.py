@@ -121,10 +121,8 @@ class Segmenter:
         lam: float,
     ) -> np.ndarray:
         probs = ensemble_probs(p_maskformer, p_clip, valid.to(p_maskformer.device), lam)
-        logits = mask_logits
-        if tuple(logits.shape[-2:]) != tuple(output_size):
-            logits = F.interpolate(logits[None], size=output_size, mode="bilinear", align_corners=False)[0]
-        return semantic_labels(probs, logits).to(torch.int32).cpu().numpy()
+        labels = semantic_labels(probs, mask_logits, output_size=tuple(output_size))
+        return labels.to(torch.int32).cpu().numpy()
 
     @torch.no_grad()
     def segment(

@@ -82,9 +82,15 @@ def test_fusion_sums_probability_times_sigmoid_mask():
     assert semantic_labels(probs, logits).tolist() == [[0, 0], [1, 1]]
 
 
-def test_fusion_in_row_chunks_equals_one_shot():
+def test_fusion_in_row_bands_equals_upsample_then_argmax():
     torch.manual_seed(0)
     probs = torch.rand(7, 5)
     logits = torch.randn(7, 33, 9) * 3
     one_shot = semantic_scores(probs, logits).argmax(0)
-    assert torch.equal(semantic_labels(probs, logits, rows_per_chunk=4), one_shot)
+    assert torch.equal(semantic_labels(probs, logits, max_chunk_elements=100), one_shot)
+    for size in [(70, 20), (50, 31), (20, 5)]:
+        upsampled = torch.nn.functional.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+        banded = semantic_labels(probs, logits, output_size=size, max_chunk_elements=300)
+        full = semantic_scores(probs, upsampled).argmax(0)
+        assert torch.equal(banded, full)
+        assert torch.equal(semantic_labels(probs, logits, output_size=size), banded)

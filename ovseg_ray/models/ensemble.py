@@ -59,11 +59,42 @@ def semantic_scores(probs: torch.Tensor, mask_logits: torch.Tensor) -> torch.Ten
     return torch.einsum("qc,qhw->chw", probs, mask_logits.sigmoid())
 
 
-def semantic_labels(probs: torch.Tensor, mask_logits: torch.Tensor, rows_per_chunk: int = 64) -> torch.Tensor:
-    """Argmax of :func:`semantic_scores`, computed in row chunks so C x H x W never exists at once."""
-    height = mask_logits.shape[-2]
-    labels = torch.empty(mask_logits.shape[-2:], dtype=torch.long, device=mask_logits.device)
-    for start in range(0, height, rows_per_chunk):
-        stop = min(start + rows_per_chunk, height)
-        labels[start:stop] = semantic_scores(probs, mask_logits[:, start:stop]).argmax(dim=0)
+def _linear_taps(in_size: int, out_size: int, device: torch.device):
+    """Source rows (lo, hi) and weight of hi for a bilinear, align_corners=False resize (as F.interpolate)."""
+    scale = in_size / out_size
+    src = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
+    lo = src.floor().long().clamp(max=in_size - 1)
+    hi = (lo + 1).clamp(max=in_size - 1)
+    return lo, hi, (src - lo).float()
+
+
+def semantic_labels(
+    probs: torch.Tensor,
+    mask_logits: torch.Tensor,
+    output_size: tuple[int, int] | None = None,
+    max_chunk_elements: int = 32_000_000,
+) -> torch.Tensor:
+    """Per-pixel argmax of :func:`semantic_scores`, optionally at a larger ``output_size``.
+
+    The mask logits are resized bilinearly (exactly as ``F.interpolate`` with align_corners=False)
+    a band of output rows at a time, so neither Q x H x W logits nor C x H x W scores ever exist at
+    once: a 12-megapixel photo with 847 classes stays within a few hundred MB.
+    """
+    queries, height, width = mask_logits.shape
+    out_h, out_w = output_size or (height, width)
+    rows_per_chunk = max(1, max_chunk_elements // ((queries + probs.shape[1]) * out_w))
+    labels = torch.empty((out_h, out_w), dtype=torch.long, device=mask_logits.device)
+    same_size = (out_h, out_w) == (height, width)
+    if not same_size:
+        row_lo, row_hi, row_w = _linear_taps(height, out_h, mask_logits.device)
+        col_lo, col_hi, col_w = _linear_taps(width, out_w, mask_logits.device)
+    for start in range(0, out_h, rows_per_chunk):
+        stop = min(start + rows_per_chunk, out_h)
+        if same_size:
+            band = mask_logits[:, start:stop]
+        else:
+            w = row_w[start:stop].view(1, -1, 1)
+            rows = mask_logits[:, row_lo[start:stop]] * (1 - w) + mask_logits[:, row_hi[start:stop]] * w
+            band = rows[:, :, col_lo] * (1 - col_w) + rows[:, :, col_hi] * col_w
+        labels[start:stop] = semantic_scores(probs, band).argmax(dim=0)
     return labels
