@@ -1,0 +1,309 @@
+"""Batch segmentation of a folder or ``s3://`` prefix on the shared Ray Data inference stage.
+
+For every image under the input it writes what ``ovseg-ray segment`` writes (``STEM.labels.png``,
+``STEM.overlay.png``, ``STEM.json``, with STEM the path below the input without its extension), then::
+
+    OUT/index.parquet      one row per segmented image: URI, classes present, pixel fractions, RLEs
+    OUT/errors.parquet     one row per image that could not be read or segmented, with the reason
+    OUT/run.yaml           the settings of the run (a re-run with other settings is refused)
+
+A re-run skips images whose three output files exist (``STEM.json`` is written last) and rebuilds the
+index from their JSON, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from itertools import chain
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import yaml
+from pydantic import Field, model_validator
+
+from . import storage
+from .batch_inference import ComputeConfig, ModelConfig, inference_stage, items_dataset
+from .config import StrictModel
+from .data.images import ImageDecodeError, decode_image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+OUTPUT_SUFFIXES = (".labels.png", ".overlay.png", ".json")
+RUN_FILE = "run.yaml"  # not .json: no image output can be named like it
+
+RESULT_SCHEMA = pa.schema([
+    ("image_uri", pa.string()),
+    ("stem", pa.string()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("classes", pa.list_(pa.string())),  # classes present, largest first
+    ("pixel_fractions", pa.list_(pa.float64())),  # aligned with classes
+    ("rle_counts", pa.list_(pa.string())),  # COCO RLE counts of each class present, size [height, width]
+    ("json_uri", pa.string()),
+    ("label_png_uri", pa.string()),
+    ("overlay_png_uri", pa.string()),
+    ("status", pa.string()),  # segmented | existing | error
+    ("reason", pa.string()),
+])
+INDEX_COLUMNS = [name for name in RESULT_SCHEMA.names if name not in ("status", "reason")] + ["status"]
+INDEX_SCHEMA = pa.schema([RESULT_SCHEMA.field(name) for name in INDEX_COLUMNS])
+ERROR_SCHEMA = pa.schema([("image_uri", pa.string()), ("stem", pa.string()), ("reason", pa.string())])
+
+
+class SegmentBatchConfig(StrictModel):
+    input: str = Field(description="folder or s3:// prefix of images (searched recursively), or one image")
+    out: str = Field(description="output folder or s3:// prefix")
+    classes: list[str] = Field(default_factory=list, description='class names, e.g. "sky,grass,red circle"')
+    classes_file: str | None = Field(None, description="file (path or s3://) with one class name per line")
+    model: ModelConfig = ModelConfig()
+    compute: ComputeConfig = ComputeConfig()
+    ensemble_lambda: float | None = Field(None, ge=0, le=1, description="CLIP weight (default: the preset's)")
+    mask_threshold: float | None = Field(None, gt=0, lt=1, description="default: the preset's")
+    overwrite: bool = Field(False, description="segment every image again instead of skipping finished ones")
+
+    @model_validator(mode="after")
+    def _one_class_source(self) -> SegmentBatchConfig:
+        if self.classes and self.classes_file:
+            raise ValueError("give either classes or classes_file, not both")
+        if not self.classes and not self.classes_file:
+            raise ValueError("no classes given: set classes or classes_file")
+        return self
+
+
+def resolve_classes(config: SegmentBatchConfig) -> list[str]:
+    from .models.text import clean_class_names
+
+    if config.classes_file:
+        text = storage.read_bytes(config.classes_file).decode("utf-8")
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+        if not names:
+            raise ValueError(f"class file {config.classes_file} has no class names")
+        return clean_class_names(names)
+    return clean_class_names(config.classes)
+
+
+def output_paths(out: str, stem: str) -> dict[str, str]:
+    """The files :func:`ovseg_ray.outputs.write_segmentation` writes for ``stem``."""
+    return {
+        "label_png_uri": storage.join(out, f"{stem}.labels.png"),
+        "overlay_png_uri": storage.join(out, f"{stem}.overlay.png"),
+        "json_uri": storage.join(out, f"{stem}.json"),
+    }
+
+
+def _relative(uri: str, prefix: str) -> str:
+    prefix = prefix.rstrip("/")
+    if uri == prefix:
+        return posixpath.basename(uri)
+    return uri[len(prefix) + 1:] if uri.startswith(prefix + "/") else posixpath.basename(uri)
+
+
+def _inside(uri: str, folder: str) -> bool:
+    folder = folder.rstrip("/")
+    return uri == folder or uri.startswith(folder + "/")
+
+
+def _normalise(uri: str) -> str:
+    return uri if storage.is_remote(uri) else os.path.abspath(uri)
+
+
+def list_inputs(input_uri: str, out: str) -> tuple[list[dict], list[dict]]:
+    """Images under ``input_uri`` as rows ``{image_uri, stem}``, plus rows for images that would
+    overwrite another image's outputs (same path, other extension). Files under ``out`` are left out."""
+    root = _normalise(input_uri)
+    files = storage.list_files(root, suffixes=IMAGE_SUFFIXES)
+    out_root = _normalise(out)
+    if out_root.rstrip("/") == root.rstrip("/"):
+        raise ValueError(f"the output folder must differ from the input folder ({input_uri})")
+    skip_out = _inside(out_root, root)  # outputs inside the input: never take them for inputs
+    rows, clashes, owners = [], [], {}
+    for uri in files:
+        if skip_out and _inside(uri, out_root):
+            continue
+        stem = os.path.splitext(_relative(uri, root))[0]
+        if stem in owners:
+            clashes.append({"image_uri": uri, "stem": stem,
+                            "reason": f"outputs would overwrite those of {owners[stem]} (same name)"})
+            continue
+        owners[stem] = uri
+        rows.append({"image_uri": uri, "stem": stem})
+    if not rows and not clashes:
+        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {input_uri}")
+    return rows, clashes
+
+
+def finished_stems(out: str) -> set[str]:
+    """Stems whose three output files are all present under ``out``."""
+    out_root = _normalise(out)
+    if not storage.exists(out_root):
+        return set()
+    present = {_relative(uri, out_root) for uri in storage.list_files(out_root, suffixes=OUTPUT_SUFFIXES)}
+    stems = {p[: -len(".json")] for p in present if p.endswith(".json")}
+    return {s for s in stems if f"{s}.labels.png" in present and f"{s}.overlay.png" in present}
+
+
+def result_row(image_uri: str, stem: str, out: str, summary: dict, status: str) -> dict:
+    """An index row from a segmentation summary (:func:`ovseg_ray.outputs.result_summary`)."""
+    present = sorted(((f, c) for c, f in summary["pixel_fractions"].items() if f > 0), key=lambda x: -x[0])
+    return {
+        "image_uri": image_uri, "stem": stem, "height": summary["height"], "width": summary["width"],
+        "classes": [c for _, c in present], "pixel_fractions": [f for f, _ in present],
+        "rle_counts": [summary["rle"][c]["counts"] for _, c in present],
+        **output_paths(out, stem), "status": status, "reason": "",
+    }
+
+
+def error_row(image_uri: str, stem: str, reason: str) -> dict:
+    return {"image_uri": image_uri, "stem": stem, "height": 0, "width": 0, "classes": [], "pixel_fractions": [],
+            "rle_counts": [], "json_uri": "", "label_png_uri": "", "overlay_png_uri": "",
+            "status": "error", "reason": reason}
+
+
+@dataclass
+class SegmentTask:
+    """Per image: decode, :meth:`Segmenter.segment`, write the ``segment`` outputs, emit the index row."""
+
+    out: str
+    classes: list[str]
+    lam: float | None
+    mask_threshold: float | None
+    output_schema = RESULT_SCHEMA
+
+    def process(self, segmenter, row: dict) -> list[dict]:
+        from .outputs import result_summary, write_segmentation
+
+        if row["image_uri_error"]:
+            return [error_row(row["image_uri"], row["stem"], row["image_uri_error"])]
+        try:
+            image = decode_image(row["image_uri_bytes"], source=row["image_uri"])
+        except ImageDecodeError as exc:
+            return [error_row(row["image_uri"], row["stem"], str(exc))]
+        try:
+            result = segmenter.segment(image, self.classes, lam=self.lam, mask_threshold=self.mask_threshold)
+        except (RuntimeError, ValueError) as exc:  # e.g. out of GPU memory on one huge image
+            return [error_row(row["image_uri"], row["stem"], f"segmentation failed: {type(exc).__name__}: {exc}")]
+        try:
+            write_segmentation(self.out, row["stem"], image, result)
+        except OSError as exc:  # e.g. a full disk or a refused S3 write: record it, go on
+            return [error_row(row["image_uri"], row["stem"], f"cannot write outputs: {exc}")]
+        summary = result_summary(result)
+        return [result_row(row["image_uri"], row["stem"], self.out, summary, "segmented")]
+
+
+def existing_rows(batch: pa.Table, out: str) -> pa.Table:
+    """Index rows of images finished by an earlier run, read back from their ``STEM.json``."""
+    rows = []
+    for row in batch.to_pylist():
+        try:
+            summary = json.loads(storage.read_bytes(output_paths(out, row["stem"])["json_uri"]))
+            rows.append(result_row(row["image_uri"], row["stem"], out, summary, "existing"))
+        except (OSError, ValueError, KeyError) as exc:
+            rows.append(error_row(row["image_uri"], row["stem"],
+                                  f"existing output unreadable (delete it to segment again): {exc}"))
+    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+
+
+def _run_record(config: SegmentBatchConfig, classes: list[str]) -> dict:
+    return {"classes": classes, "model": config.model.model_dump(exclude={"device"}),
+            "ensemble_lambda": config.ensemble_lambda, "mask_threshold": config.mask_threshold}
+
+
+def check_run_record(config: SegmentBatchConfig, classes: list[str]) -> None:
+    """Refuse to mix outputs of different vocabularies or models in one folder (unless overwriting)."""
+    uri = storage.join(config.out, RUN_FILE)
+    record = _run_record(config, classes)
+    previous = yaml.safe_load(storage.read_bytes(uri)) if storage.exists(uri) else None
+    if previous == record:
+        return
+    if previous is not None and not config.overwrite:
+        changed = [key for key in record if previous.get(key) != record[key]]
+        raise ValueError(f"{config.out} holds outputs of a run with other settings ({', '.join(changed)} "
+                         f"differ): use another --out or --overwrite true")
+    storage.write_text(uri, yaml.safe_dump(record, sort_keys=False))
+
+
+class ParquetSink:
+    """Tables streamed into a local temporary Parquet file, copied to ``uri`` (path or s3://) on close,
+    so the driver never holds the whole index."""
+
+    def __init__(self, uri: str, schema: pa.Schema):
+        self.uri = uri
+        handle, self.tmp = tempfile.mkstemp(suffix=".parquet")
+        os.close(handle)
+        self.writer = pq.ParquetWriter(self.tmp, schema)
+        self.rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.writer.write_table(table)
+            self.rows += table.num_rows
+
+    def close(self) -> None:
+        self.writer.close()
+        try:
+            fs, path = storage.filesystem(self.uri)
+            fs.makedirs(posixpath.dirname(path) if storage.is_remote(self.uri) else os.path.dirname(path),
+                        exist_ok=True)
+            fs.put_file(self.tmp, path)
+        finally:
+            os.remove(self.tmp)
+
+
+def run_segment_batch(config: SegmentBatchConfig) -> dict:
+    """Segment every image under ``config.input``; returns the counts and the index/errors URIs."""
+    from .raycluster import init_ray
+
+    classes = resolve_classes(config)
+    rows, clashes = list_inputs(config.input, config.out)
+    check_run_record(config, classes)
+    done = set() if config.overwrite else finished_stems(config.out)
+    todo = [r for r in rows if r["stem"] not in done]
+    existing = [r for r in rows if r["stem"] in done]
+    print(f"segment-batch: {len(rows) + len(clashes)} images under {config.input}: {len(todo)} to segment, "
+          f"{len(existing)} already done; {len(classes)} classes")
+
+    init_ray()
+    batches = [pa.Table.from_pylist(
+        [error_row(c["image_uri"], c["stem"], c["reason"]) for c in clashes], schema=RESULT_SCHEMA)]
+    if existing:
+        ds = items_dataset(existing, 64).map_batches(
+            existing_rows, fn_kwargs={"out": config.out}, batch_format="pyarrow",
+            num_cpus=config.compute.fetch_num_cpus)
+        batches = chain(batches, ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    if todo:
+        task = SegmentTask(config.out, classes, config.ensemble_lambda, config.mask_threshold)
+        ds = inference_stage(todo, config.model, config.compute, task, fetch=("image_uri",))
+        batches = chain(batches, ds.iter_batches(batch_format="pyarrow", batch_size=None))
+
+    index = ParquetSink(storage.join(config.out, "index.parquet"), INDEX_SCHEMA)
+    errors = ParquetSink(storage.join(config.out, "errors.parquet"), ERROR_SCHEMA)
+    statuses: Counter[str] = Counter()
+    try:
+        for batch in batches:
+            batch = batch.cast(RESULT_SCHEMA)
+            failed = pc.equal(batch.column("status"), "error")
+            index.write(batch.filter(pc.invert(failed)).select(INDEX_COLUMNS))
+            errors.write(batch.filter(failed).select(ERROR_SCHEMA.names))
+            statuses.update(batch.column("status").to_pylist())
+            for item in batch.filter(failed).to_pylist():
+                print(f"error: {item['image_uri']}: {item['reason']}")
+    finally:
+        index.close()
+        errors.close()
+    summary = {
+        "images": len(rows) + len(clashes),
+        "segmented": statuses["segmented"],
+        "existing": statuses["existing"],
+        "errors": statuses["error"],
+        "index": index.uri,
+        "errors_file": errors.uri,
+    }
+    print(f"segment-batch: {summary['segmented']} segmented, {summary['existing']} already done, "
+          f"{summary['errors']} failed, of {summary['images']} images -> {config.out} (index.parquet"
+          f"{', errors.parquet' if summary['errors'] else ''})")
+    return summary

@@ -1,0 +1,30 @@
+"""``ovseg-ray segment-batch``: segment every image under a folder or s3:// prefix on a Ray actor pool.
+
+Per image it writes the same files as ``ovseg-ray segment`` (STEM.labels.png, STEM.overlay.png,
+STEM.json), plus index.parquet (URI, classes present, pixel fractions, RLEs) and errors.parquet
+(unreadable images and why). A re-run skips images already written. Example:
+``ovseg-ray segment-batch --input s3://bucket/photos --classes "sky,grass,dog" --out s3://bucket/seg
+--compute.max-actors 4``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import add_config_arguments, config_from_args
+
+
+def register(subparsers) -> None:
+    from ..batch_segment import SegmentBatchConfig
+
+    parser = subparsers.add_parser("segment-batch", help="segment a folder or s3:// prefix of images on Ray",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, SegmentBatchConfig)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..batch_segment import SegmentBatchConfig, run_segment_batch
+
+    summary = run_segment_batch(config_from_args(args, SegmentBatchConfig))
+    return 1 if summary["errors"] and not (summary["segmented"] or summary["existing"]) else 0

@@ -1,0 +1,332 @@
+"""Zero-shot evaluation (Table 1 of the paper) on the shared Ray Data inference stage.
+
+Per image the actor predicts a label map for every (lambda, mask threshold) setting and turns it and
+the ground truth into a sparse confusion matrix; the driver sums them per setting and computes the
+metrics (:mod:`ovseg_ray.metrics`, whose docstring states the conventions). A sweep costs one
+MaskFormer pass per image, one CLIP region pass per threshold, and one fusion per lambda.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from itertools import product
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field, field_validator
+
+from . import metrics
+from .batch_inference import ComputeConfig, ModelConfig, inference_stage
+from .config import StrictModel
+from .data.benchmarks import class_list
+from .data.images import ImageDecodeError, decode_image
+from .data.readers import BENCHMARKS, PAPER_LAMBDA, BenchmarkLayout, BenchmarkReader, decode_label
+
+logger = logging.getLogger(__name__)
+
+BenchmarkName = Literal["ade20k_847", "pascal_context_459", "ade20k_150", "pascal_context_59", "pascal_voc_20"]
+
+EVAL_ROW_SCHEMA = pa.schema([
+    ("image_uri", pa.string()),
+    ("label_uri", pa.string()),
+    ("setting", pa.int32()),  # index into the run's settings; -1 for a skipped image
+    ("cells", pa.list_(pa.int64())),  # flat confusion cells gt * N + pred
+    ("counts", pa.list_(pa.int64())),
+    ("stage", pa.string()),  # where a skipped image failed: label, image, size, model
+    ("reason", pa.string()),
+    ("worker", pa.string()),  # host:pid of the actor that handled the image
+])
+
+
+class SweepConfig(StrictModel):
+    lambdas: list[float] = Field(default_factory=list, description="ensemble lambdas to try (e.g. 0.5,0.6,0.7,0.8)")
+    mask_thresholds: list[float] = Field(default_factory=list, description="mask thresholds to try")
+
+    @field_validator("lambdas")
+    @classmethod
+    def _lambdas_in_range(cls, values: list[float]) -> list[float]:
+        for value in values:
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"every lambda must be within [0, 1], got {value}")
+        return values
+
+    @field_validator("mask_thresholds")
+    @classmethod
+    def _thresholds_in_range(cls, values: list[float]) -> list[float]:
+        for value in values:
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"every mask threshold must be within (0, 1), got {value}")
+        return values
+
+
+class EvalConfig(StrictModel):
+    benchmarks: list[BenchmarkName] = Field(
+        default_factory=lambda: ["ade20k_150"], min_length=1,
+        description=f"benchmarks to evaluate: {', '.join(BENCHMARKS)}")
+    dataset_root: str = Field(
+        default_factory=lambda: os.environ.get("DETECTRON2_DATASETS", "datasets"),
+        description="folder or s3:// prefix holding the prepared layouts (default $DETECTRON2_DATASETS)")
+    split_files: dict[str, str] = Field(
+        default_factory=dict, description="optional {benchmark: file listing the image ids of the split}")
+    limit: int | None = Field(None, ge=1, description="evaluate only the first N images of each benchmark")
+    out: str = Field("runs/eval", description="output folder or s3:// prefix")
+    name: str | None = Field(None, description="row name in the table (default: preset and weights)")
+    model: ModelConfig = ModelConfig()
+    compute: ComputeConfig = ComputeConfig()
+    ensemble_lambda: float | None = Field(
+        None, ge=0, le=1, description="CLIP weight; default per benchmark from the paper (0.7 ADE, 0.6 Pascal)")
+    mask_threshold: float | None = Field(None, gt=0, lt=1, description="default: the preset's")
+    sweep: SweepConfig = SweepConfig()
+    class_names: Literal["full", "clean"] = Field(
+        "full", description="full: the benchmark's class strings with synonyms; clean: first synonym only")
+    seen_classes: list[str] = Field(
+        default_factory=list, description="class names seen in training: reports seen/unseen mIoU")
+    seen_classes_from: Literal["coco_stuff_171"] | None = Field(
+        None, description="take the seen classes from a training vocabulary (matching first synonyms)")
+    paper_rows: bool = Field(True, description="add the paper's OVSeg rows to the table for reference")
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _no_repeats(cls, value: list[str]) -> list[str]:
+        return list(dict.fromkeys(value))
+
+    @field_validator("split_files")
+    @classmethod
+    def _known_benchmarks(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - set(BENCHMARKS))
+        if unknown:
+            raise ValueError(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+        return value
+
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        weights = os.path.basename(self.model.weights.rstrip("/")) if self.model.weights else "random weights"
+        return f"{self.model.preset} ({weights})"
+
+
+def settings_for(config: EvalConfig, benchmark: str, preset_threshold: float) -> list[tuple[float, float]]:
+    """(lambda, threshold) pairs: the configured default first, then the sweep grid (no repeats)."""
+    lam = PAPER_LAMBDA[benchmark] if config.ensemble_lambda is None else config.ensemble_lambda
+    threshold = preset_threshold if config.mask_threshold is None else config.mask_threshold
+    grid = product(config.sweep.lambdas or [lam], config.sweep.mask_thresholds or [threshold])
+    return list(dict.fromkeys([(float(lam), float(threshold)), *((float(a), float(b)) for a, b in grid)]))
+
+
+def predict_settings(segmenter, image: np.ndarray, classes: list[str],
+                     settings: list[tuple[float, float]]) -> list[np.ndarray]:
+    """(H, W) labels for each (lambda, threshold) setting, in the order of ``settings``.
+
+    One setting is exactly :meth:`Segmenter.segment`. Several share the stages that do not depend on
+    lambda: proposals and MaskFormer probabilities once, CLIP region probabilities once per threshold,
+    then one fusion per lambda (the same result as ``segment`` with that setting).
+    """
+    import torch
+
+    from .models.text import clean_class_names
+
+    if len(settings) == 1:
+        lam, threshold = settings[0]
+        return [segmenter.segment(image, classes, lam=lam, mask_threshold=threshold).labels]
+    classes = clean_class_names(classes)
+    labels: list[np.ndarray | None] = [None] * len(settings)
+    by_threshold: dict[float, list[tuple[int, float]]] = {}
+    for index, (lam, threshold) in enumerate(settings):
+        by_threshold.setdefault(threshold, []).append((index, lam))
+    with torch.no_grad():
+        proposals = segmenter.propose(image)
+        p_maskformer = segmenter.maskformer_probs(proposals.class_embeddings, classes)
+        for threshold, group in by_threshold.items():
+            if any(lam > 0.0 for _, lam in group):
+                masks = proposals.binary_masks(threshold)
+                p_clip, valid = segmenter.classify_regions(proposals.image, masks, classes)
+            else:  # lambda 0 everywhere: MaskFormer only, the CLIP stage is not needed
+                valid = torch.zeros(p_maskformer.shape[0], dtype=torch.bool, device=p_maskformer.device)
+                p_clip = p_maskformer[:0]
+            for index, lam in group:
+                labels[index] = segmenter.fuse(p_maskformer, p_clip, valid, proposals.mask_logits,
+                                               image.shape[:2], lam)
+    return labels
+
+
+@dataclass
+class EvalTask:
+    """Per image: read the label and the image, predict every setting, emit sparse confusion matrices."""
+
+    layout: BenchmarkLayout
+    classes: list[str]
+    settings: list[tuple[float, float]]
+    output_schema = EVAL_ROW_SCHEMA
+
+    def process(self, segmenter, row: dict) -> list[dict]:
+        base = {"image_uri": row["image_uri"], "label_uri": row["label_uri"],
+                "worker": f"{socket.gethostname()}:{os.getpid()}"}
+
+        def skipped(stage: str, reason: str) -> list[dict]:
+            return [{**base, "setting": -1, "cells": [], "counts": [], "stage": stage, "reason": reason}]
+
+        if row["label_uri_error"]:
+            return skipped("label", row["label_uri_error"])
+        try:
+            label = decode_label(row["label_uri_bytes"], self.layout, source=row["label_uri"])
+        except ImageDecodeError as exc:
+            return skipped("label", str(exc))
+        if row["image_uri_error"]:
+            return skipped("image", row["image_uri_error"])
+        try:
+            image = decode_image(row["image_uri_bytes"], source=row["image_uri"])
+        except ImageDecodeError as exc:
+            return skipped("image", str(exc))
+        if image.shape[:2] != label.shape:
+            return skipped("size", f"label {row['label_uri']} is {label.shape[1]}x{label.shape[0]} but image "
+                                   f"{row['image_uri']} is {image.shape[1]}x{image.shape[0]}")
+        out = []
+        try:
+            for index, pred in enumerate(predict_settings(segmenter, image, self.classes, self.settings)):
+                cells, counts = metrics.confusion_cells(pred, label, len(self.classes))
+                out.append({**base, "setting": index, "cells": cells.tolist(), "counts": counts.tolist(),
+                            "stage": "", "reason": ""})
+        except (RuntimeError, ValueError) as exc:  # e.g. out of GPU memory on one huge image
+            logger.exception("model failed on %s", row["image_uri"])
+            return skipped("model", f"{type(exc).__name__}: {exc}")
+        return out
+
+
+class EvalAccumulator:
+    """Sums the actors' sparse confusion matrices per setting and collects the skipped images."""
+
+    def __init__(self, num_classes: int, num_settings: int):
+        self.matrices = np.zeros((num_settings, num_classes, num_classes), dtype=np.int64)
+        self.evaluated: set[str] = set()
+        self.skipped: list[dict] = []
+        self.workers: set[str] = set()
+
+    def add(self, batch: pa.Table) -> None:
+        for row in batch.to_pylist():
+            self.workers.add(row["worker"])
+            if row["setting"] < 0:
+                self.skipped.append({k: row[k] for k in ("image_uri", "label_uri", "stage", "reason")})
+                continue
+            metrics.add_cells(self.matrices[row["setting"]], row["cells"], row["counts"])
+            self.evaluated.add(row["image_uri"])
+
+
+def class_names_for(benchmark: str, style: str) -> list[str]:
+    listed = class_list(benchmark)
+    return listed.prompt_names() if style == "full" else [c.strip() for c in listed.clean_classes]
+
+
+def _name_keys(name: str) -> set[str]:
+    """A class name and its first synonym, lower-cased: ``"Building, edifice"`` -> both forms."""
+    name = name.strip().lower()
+    return {name, name.split(",")[0].strip()}
+
+
+def seen_indices(config: EvalConfig, benchmark: str) -> list[int] | None:
+    """Indices of the benchmark's classes counted as seen, or None when no split is configured.
+
+    A configured name matches a class by its full string or its first synonym.
+    """
+    if not config.seen_classes and not config.seen_classes_from:
+        return None
+    wanted = {key for name in config.seen_classes for key in _name_keys(name)}
+    if config.seen_classes_from:
+        wanted |= {key for name in class_list(config.seen_classes_from).clean_classes for key in _name_keys(name)}
+    return [i for i, name in enumerate(class_list(benchmark).classes) if _name_keys(name) & wanted]
+
+
+def check_seen_classes(config: EvalConfig) -> None:
+    """A configured seen class that names no class of any evaluated benchmark is a typo: refuse it."""
+    known = {key for benchmark in config.benchmarks for name in class_list(benchmark).classes
+             for key in _name_keys(name)}
+    unknown = [name for name in config.seen_classes if not _name_keys(name) & known]
+    if unknown:
+        raise ValueError(f"seen_classes: {unknown} match no class of {', '.join(config.benchmarks)}")
+
+
+def evaluate_benchmark(config: EvalConfig, benchmark: str) -> tuple[dict, np.ndarray]:
+    """Run one benchmark through the inference stage: its results dict and the (settings, N, N)
+    confusion matrices (written by the caller)."""
+    from .models.ovseg import load_preset
+
+    reader = BenchmarkReader(benchmark, config.dataset_root, config.split_files.get(benchmark), config.limit)
+    samples = reader.samples()
+    classes = class_names_for(benchmark, config.class_names)
+    settings = settings_for(config, benchmark, load_preset(config.model.preset).mask_threshold)
+    items = [{"image_uri": s.image_uri, "label_uri": s.label_uri} for s in samples]
+    print(f"{benchmark}: {len(items)} images, {len(classes)} classes, {len(settings)} setting(s) "
+          f"(lambda, mask threshold) {settings}")
+    task = EvalTask(reader.layout, classes, settings)
+    ds = inference_stage(items, config.model, config.compute, task,
+                         fetch=("label_uri", "image_uri"))
+    totals = EvalAccumulator(len(classes), len(settings))
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        totals.add(batch)
+
+    seen = seen_indices(config, benchmark)
+    sweep = []
+    for index, (lam, threshold) in enumerate(settings):
+        summary = metrics.summarize(totals.matrices[index], classes, seen)
+        sweep.append({"lambda": lam, "mask_threshold": threshold, **summary})
+    best = max(range(len(sweep)), key=lambda i: (sweep[i]["metrics"]["mIoU"] is not None,
+                                                 sweep[i]["metrics"]["mIoU"] or 0.0, -i))
+    by_stage: dict[str, int] = {}
+    for item in totals.skipped:
+        by_stage[item["stage"]] = by_stage.get(item["stage"], 0) + 1
+    matrix = totals.matrices[0]
+    result = {
+        "benchmark": benchmark,
+        "name": class_list(benchmark).name,
+        "num_classes": len(classes),
+        "class_names": config.class_names,
+        "model": config.model.model_dump(),
+        "lambda": settings[0][0],
+        "mask_threshold": settings[0][1],
+        **sweep[0],
+        "convention": metrics.CONVENTION,
+        "counts": {
+            "images": len(items),
+            "evaluated": len(totals.evaluated),
+            "skipped": len(totals.skipped),
+            "skipped_by_stage": by_stage,
+            "labelled_pixels": int(matrix.sum()),
+            "actors": len(totals.workers),
+        },
+        "skipped": totals.skipped,
+        "sweep": [{"lambda": s["lambda"], "mask_threshold": s["mask_threshold"], **s["metrics"]} for s in sweep]
+        if len(sweep) > 1 else [],
+        "best": {"lambda": sweep[best]["lambda"], "mask_threshold": sweep[best]["mask_threshold"],
+                 **sweep[best]["metrics"]} if len(sweep) > 1 else None,
+    }
+    return result, totals.matrices
+
+
+def run_evaluation(config: EvalConfig) -> dict:
+    """Evaluate every configured benchmark; write ``results.json``, ``table.md`` and the per-class charts."""
+    from .eval_report import write_confusion, write_reports
+    from .raycluster import init_ray
+
+    check_seen_classes(config)
+    init_ray()
+    results = {"name": config.display_name(), "config": config.model_dump(), "benchmarks": {}}
+    for benchmark in config.benchmarks:
+        result, matrices = evaluate_benchmark(config, benchmark)
+        results["benchmarks"][benchmark] = result
+        write_confusion(config.out, result, matrices)
+        write_reports(config, results)  # after each benchmark, so a later failure loses nothing
+        counts = result["counts"]
+        best = result["best"]
+        print(f"{benchmark}: mIoU {_fmt(result['metrics']['mIoU'])} pAcc {_fmt(result['metrics']['pAcc'])} "
+              f"(lambda {result['lambda']}, threshold {result['mask_threshold']}) over {counts['evaluated']} of "
+              f"{counts['images']} images, {counts['skipped']} skipped"
+              + (f"; best of sweep: mIoU {_fmt(best['mIoU'])} at lambda {best['lambda']}, "
+                 f"threshold {best['mask_threshold']}" if best else ""))
+    return results
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
