@@ -1,0 +1,58 @@
+"""``ovseg-ray serve``: run the HTTP segmentation service on Ray Serve until Ctrl-C.
+
+    ovseg-ray serve --config serve.yaml
+    ovseg-ray serve --model.preset tiny --http.port 8000 --classifier.num-replicas 2
+
+The config is a YAML of ServeConfig fields (see docs/serving.md) or a ``serve deploy`` file such as
+cluster/serve_config.yaml; flags override single fields of the former.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..config import add_config_arguments, config_from_args
+from ..serving.config import ServeConfig, is_serve_deploy_file, load_serve_config
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="run the HTTP segmentation service (blocks until Ctrl-C)", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray on this machine)")
+    add_config_arguments(parser, ServeConfig)
+    parser.set_defaults(func=run)
+
+
+def _read_config(args: argparse.Namespace) -> ServeConfig:
+    import yaml
+
+    if args.config and os.path.exists(args.config):
+        with open(args.config) as handle:
+            try:
+                data = yaml.safe_load(handle)
+            except yaml.YAMLError:
+                data = None  # reported with its position by config_from_args below
+        if is_serve_deploy_file(data):
+            flags = sorted(k[4:] for k, v in vars(args).items() if k.startswith("cfg:") and v is not None)
+            if flags:
+                raise ValueError(f"flags ({', '.join(flags)}) cannot override a serve deploy file; edit its args")
+            return load_serve_config(args.config)
+    return config_from_args(args, ServeConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = _read_config(args)
+    from ..raycluster import init_ray
+    from ..serving.app import deploy, serve_until_stopped
+
+    joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    init_ray(args.address)
+    url = deploy(config)
+    print(f"OVSeg service {config.app_name!r} ({config.model.preset}) running at {url}  "
+          f"(API docs: {url}docs); press Ctrl-C to stop", flush=True)
+    serve_until_stopped(config, shutdown_serve=not joined)
+    return 0

@@ -1,0 +1,343 @@
+"""The HTTP API without Ray: request models, body parsing, input limits and the response body.
+
+Every refusal is a :class:`RequestError` carrying the HTTP status and a message naming the problem:
+400 unreadable input, 403 image URI outside the allowed prefixes, 413 too large, 415 unsupported
+content type, 422 invalid parameters.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from pydantic import Field, ValidationError
+
+from .. import storage
+from ..config import StrictModel, format_validation_error
+from ..data.images import ImageDecodeError, decode_image
+from ..inference import SegmentationResult
+from ..models.text import clean_class_names
+from ..outputs import class_rles, label_png, overlay_png, result_summary
+from .config import Limits, OutputKind
+from .multipart import FormPart, MultipartError, parse_multipart
+from .stages import SegmentOutput
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A request the service refuses: HTTP ``status`` and a message for the client."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class SegmentParams(StrictModel):
+    classes: list[str] = Field(description="class names to segment, e.g. ['sky', 'grass', 'red car']")
+    lambda_: float | None = Field(
+        None, alias="lambda", ge=0, le=1, description="CLIP weight in the ensemble (0 = MaskFormer only)"
+    )
+    mask_threshold: float | None = Field(None, gt=0, lt=1, description="proposal binarisation threshold")
+    outputs: list[OutputKind] | None = Field(None, description="any of label_png, overlay_png, rle")
+
+
+class SegmentRequest(SegmentParams):
+    """JSON body of ``POST /v1/segment``: exactly one of ``image_base64`` and ``image_uri``."""
+
+    image_base64: str | None = Field(None, description="the encoded image file (PNG, JPEG, ...) in base64")
+    image_uri: str | None = Field(None, description="s3:// URI (or a path) under an allowed prefix")
+
+
+class ClassRLE(StrictModel):
+    size: list[int] = Field(description="[height, width]")
+    counts: str = Field(description="COCO compressed RLE (pycocotools' text form)")
+
+
+class SegmentOutputs(StrictModel):
+    label_png: str | None = Field(None, description="base64 PNG, class index per pixel (16-bit beyond 256)")
+    overlay_png: str | None = Field(None, description="base64 PNG, the image with class colours and a legend")
+    rle: dict[str, ClassRLE] | None = Field(None, description="COCO RLE of every class present")
+
+
+class RegionBatchInfo(StrictModel):
+    requests: int = Field(description="requests whose regions shared this request's CLIP forward")
+    regions: int = Field(description="regions in that forward")
+
+
+class SegmentResponse(StrictModel):
+    """Body of a successful ``POST /v1/segment`` (documents :func:`response_body`)."""
+
+    classes: list[str]
+    height: int
+    width: int
+    pixel_fractions: dict[str, float]
+    num_proposals: int
+    num_valid_regions: int
+    lambda_: float = Field(alias="lambda")
+    mask_threshold: float
+    outputs: SegmentOutputs
+    timings: dict[str, float] = Field(description="seconds per stage: decode, proposals, text, regions, ...")
+    region_batch: RegionBatchInfo
+
+
+class ErrorResponse(StrictModel):
+    detail: str = Field(description="what was wrong with the request")
+
+
+@dataclass
+class SegmentInput:
+    """A validated request: image bytes or URI, cleaned class names, parameters."""
+
+    classes: list[str]
+    lam: float
+    mask_threshold: float
+    outputs: list[str]
+    image_bytes: bytes | None = None
+    image_uri: str | None = None
+    source: str = "image"
+
+
+async def read_body(chunks: AsyncIterator[bytes], declared_length: str | None, limit: int) -> bytes:
+    """The whole request body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    if declared_length and declared_length.isdigit() and int(declared_length) > limit:
+        raise RequestError(413, f"request body is {int(declared_length)} bytes; the limit is {limit} bytes")
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body exceeds the limit of {limit} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _text(part: FormPart) -> str:
+    try:
+        return part.data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(400, f"form field {part.name!r} is not UTF-8 text") from None
+
+
+def _names(values: list[str], field: str) -> list[str]:
+    """Repeated fields are one name each; a single field is a JSON list or comma-separated names."""
+    if len(values) != 1:
+        return values
+    value = values[0].strip()
+    if value.startswith("["):
+        try:
+            parsed = json.loads(value)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            reason = str(exc) if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            raise RequestError(422, f"form field {field!r} starts with '[' but is not valid JSON: {reason}") from None
+        if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+            raise RequestError(422, f"form field {field!r} must be a JSON list of strings")
+        return parsed
+    return value.split(",") if value else []
+
+
+def form_fields(parts: list[FormPart]) -> tuple[FormPart, dict]:
+    """The uploaded image part and the other fields as a :class:`SegmentParams` mapping."""
+    allowed = {"image", "classes", "lambda", "mask_threshold", "outputs"}
+    unknown = sorted({p.name for p in parts} - allowed)
+    if unknown:
+        raise RequestError(422, f"unknown form field(s) {', '.join(unknown)}; expected {', '.join(sorted(allowed))}")
+    images = [p for p in parts if p.name == "image"]
+    if len(images) != 1:
+        raise RequestError(422, f"multipart request needs exactly one 'image' file field, got {len(images)}")
+    values: dict[str, list[str]] = {}
+    for part in parts:
+        if part.name != "image":
+            values.setdefault(part.name, []).append(_text(part))
+    fields: dict = {}
+    if "classes" in values:
+        fields["classes"] = _names(values["classes"], "classes")
+    if "outputs" in values:
+        fields["outputs"] = [v.strip() for v in _names(values["outputs"], "outputs")]
+    for name in ("lambda", "mask_threshold"):
+        if name in values:
+            if len(values[name]) != 1:
+                raise RequestError(422, f"form field {name!r} given {len(values[name])} times")
+            fields[name] = values[name][0].strip()
+    return images[0], fields
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def check_classes(names: list[str], limits: Limits) -> list[str]:
+    if len(names) > limits.max_classes:
+        raise RequestError(422, f"too many classes: {len(names)} given, the limit is {limits.max_classes}")
+    try:
+        cleaned = clean_class_names(names)
+    except ValueError as exc:
+        raise RequestError(422, str(exc)) from None
+    first: dict[str, int] = {}
+    for index, name in enumerate(cleaned):
+        if len(name) > limits.max_name_chars:
+            raise RequestError(
+                422, f"class name #{index} is {len(name)} characters long (limit {limits.max_name_chars})"
+            )
+        if name in first:  # results are keyed by name: a repeated name would be ambiguous
+            raise RequestError(422, f"class name #{index} ({name!r}) repeats class name #{first[name]}")
+        first[name] = index
+    return cleaned
+
+
+def _validated(model: type[SegmentParams], data: dict) -> SegmentParams:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestError(422, format_validation_error(exc, "request")) from None
+
+
+def _finish(params: SegmentParams, limits: Limits, defaults: dict, **image) -> SegmentInput:
+    outputs = list(dict.fromkeys(params.outputs if params.outputs is not None else defaults["outputs"]))
+    return SegmentInput(
+        classes=check_classes(params.classes, limits),
+        lam=defaults["lambda"] if params.lambda_ is None else params.lambda_,
+        mask_threshold=defaults["mask_threshold"] if params.mask_threshold is None else params.mask_threshold,
+        outputs=outputs,
+        **image,
+    )
+
+
+def parse_segment_request(body: bytes, content_type: str, limits: Limits, defaults: dict) -> SegmentInput:
+    """Validate a ``POST /v1/segment`` body; ``defaults`` has ``lambda``, ``mask_threshold``, ``outputs``."""
+    kind = content_type.split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        try:
+            parts = parse_multipart(body, content_type)
+        except MultipartError as exc:
+            raise RequestError(exc.status, str(exc)) from None
+        image, fields = form_fields(parts)
+        params = _validated(SegmentParams, fields)
+        return _finish(params, limits, defaults, image_bytes=image.data, source=image.filename or "uploaded image")
+    if kind == "application/json":
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RequestError(400, f"request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise RequestError(400, "request body is not valid JSON: nested too deeply") from None
+        if not isinstance(data, dict):
+            raise RequestError(422, "JSON request body must be an object")
+        request = _validated(SegmentRequest, data)
+        if (request.image_base64 is None) == (request.image_uri is None):
+            raise RequestError(422, "give exactly one of image_base64 and image_uri")
+        if request.image_uri is not None:
+            return _finish(request, limits, defaults, image_uri=request.image_uri, source=request.image_uri)
+        try:
+            data = base64.b64decode(request.image_base64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise RequestError(400, f"image_base64 is not valid base64: {exc}") from None
+        return _finish(request, limits, defaults, image_bytes=data, source="image_base64")
+    raise RequestError(
+        415, f"unsupported content type {kind or '(none)'!r}: send multipart/form-data or application/json"
+    )
+
+
+def uri_allowed(uri: str, prefixes: list[str]) -> bool:
+    """Remote URIs match a prefix as text; local paths must resolve inside an allowed directory."""
+    if storage.is_remote(uri):
+        return any(storage.is_remote(p) and uri.startswith(p) for p in prefixes)
+    path = os.path.realpath(uri.removeprefix("file://"))
+    for prefix in prefixes:
+        if storage.is_remote(prefix):
+            continue
+        root = os.path.realpath(prefix.removeprefix("file://"))
+        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def fetch_image_bytes(uri: str, limits: Limits) -> bytes:
+    """The bytes behind ``uri`` if it is allowed and not larger than the request limit."""
+    if not uri_allowed(uri, limits.image_uri_prefixes):
+        allowed = ", ".join(limits.image_uri_prefixes) or "none: image URIs are disabled"
+        raise RequestError(403, f"image_uri {uri!r} is not under an allowed prefix ({allowed})")
+    try:
+        fs, path = storage.filesystem(uri)
+        size = fs.size(path)
+        if size is not None and size > limits.max_request_bytes:
+            raise RequestError(413, f"image {uri} is {size} bytes; the limit is {limits.max_request_bytes} bytes")
+        return storage.read_bytes(uri)
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise RequestError(400, f"cannot read image_uri: {exc}") from None
+    except PermissionError as exc:
+        raise RequestError(400, f"cannot read image_uri {uri}: permission denied ({exc})") from None
+    except OSError as exc:
+        raise RequestError(400, f"cannot read image_uri {uri}: {exc}") from None
+
+
+def image_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the image header alone, or None if the header is unreadable."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 - unreadable headers are reported by decode_image below
+        return None
+
+
+def decode_checked(data: bytes, source: str, max_pixels: int) -> np.ndarray:
+    """Decode an image after checking its header dimensions against ``max_pixels`` (413)."""
+    size = image_dimensions(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise RequestError(
+            413, f"{source} is {size[0]}x{size[1]} = {size[0] * size[1]} pixels; the limit is {max_pixels} pixels"
+        )
+    try:
+        image = decode_image(data, source)
+    except ImageDecodeError as exc:
+        raise RequestError(400, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a decoder choking on hostile bytes is still bad input
+        logger.warning("decoder failed on %s: %r", source, exc)
+        raise RequestError(400, f"cannot decode {source}: {type(exc).__name__}: {exc}") from None
+    if image.shape[0] * image.shape[1] > max_pixels:  # headers that understate the size
+        raise RequestError(413, f"{source} has {image.shape[0] * image.shape[1]} pixels; the limit is {max_pixels}")
+    return image
+
+
+def load_request_image(request: SegmentInput, limits: Limits) -> np.ndarray:
+    data = request.image_bytes
+    if data is None:
+        data = fetch_image_bytes(request.image_uri, limits)
+    return decode_checked(data, request.source, limits.max_pixels)
+
+
+# ----------------------------------------------------------------------------------------------
+# response
+
+
+def response_body(image: np.ndarray, request: SegmentInput, output: SegmentOutput, timings: dict) -> dict:
+    """JSON body: classes, pixel fractions, requested outputs, timings per stage, region batch."""
+    result = SegmentationResult(
+        labels=output.labels,
+        classes=request.classes,
+        num_proposals=output.num_proposals,
+        num_valid_regions=output.num_valid_regions,
+    )
+    body = result_summary(result, with_rle=False)
+    outputs: dict = {}
+    if "label_png" in request.outputs:
+        outputs["label_png"] = base64.b64encode(label_png(output.labels, len(request.classes))).decode("ascii")
+    if "overlay_png" in request.outputs:
+        overlay = overlay_png(image, output.labels, request.classes)
+        outputs["overlay_png"] = base64.b64encode(overlay).decode("ascii")
+    if "rle" in request.outputs:
+        outputs["rle"] = class_rles(output.labels, request.classes)
+    body["lambda"] = request.lam
+    body["mask_threshold"] = request.mask_threshold
+    body["outputs"] = outputs
+    body["timings"] = {k: round(v, 6) for k, v in {**output.timings, **timings}.items()}
+    body["region_batch"] = {"requests": output.region_batch_requests, "regions": output.region_batch_regions}
+    return body

@@ -1,0 +1,470 @@
+"""The HTTP service: real Ray Serve on the shared Ray session, real HTTP on 127.0.0.1, real S3 (moto).
+
+One application (tiny preset; 1 ingress, 1 mask-proposal and 2 region-classifier replicas with
+fractional CPUs) is deployed for the module and shut down at its end. Results are compared with the
+library's own two-stage inference (``Segmenter.segment``) run in this process.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from ovseg_ray import storage
+from ovseg_ray.config import ConfigError
+from ovseg_ray.data.images import decode_label_png, encode_png, load_image
+from ovseg_ray.serving.api import (
+    RequestError,
+    SegmentResponse,
+    decode_checked,
+    parse_segment_request,
+    uri_allowed,
+)
+from ovseg_ray.serving.multipart import MultipartError, parse_multipart
+from ovseg_ray.serving.config import Limits, ModelSettings, ServeConfig, load_serve_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ["sky", "grass", "water", "sand", "ball", "car", "boat", "kite"]
+DEFAULTS = {"lambda": 0.7, "mask_threshold": 0.4, "outputs": ["label_png"]}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def library(tiny_model):
+    from ovseg_ray.inference import Segmenter
+
+    return Segmenter(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def images(synth_dataset):
+    paths = sorted(str(p) for p in (synth_dataset / "images").glob("*.jpg"))[:4]
+    return [SimpleNamespace(path=p, data=open(p, "rb").read(), array=load_image(p)) for p in paths]
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tmp_path_factory):
+    from ray import serve
+
+    from ovseg_ray.serving import deploy
+
+    uri_dir = tmp_path_factory.mktemp("served_images")
+    config = ServeConfig.model_validate({
+        "http": {"port": _free_port()},
+        "limits": {"max_pixels": 300_000, "max_request_bytes": 2_000_000, "max_classes": 50,
+                   "max_name_chars": 60, "image_uri_prefixes": ["s3://", str(uri_dir)]},
+        "batching": {"max_batch_requests": 8, "batch_wait_timeout_s": 0.05},
+        "default_outputs": ["label_png"],
+        "ingress": {"num_replicas": 1, "num_cpus": 0.25},
+        "proposer": {"num_replicas": 1, "num_cpus": 0.25},
+        "classifier": {"num_replicas": 2, "num_cpus": 0.25},
+    })
+    cpus_before = ray_session.available_resources().get("CPU", 0)
+    url = deploy(config)
+    with httpx.Client(base_url=url, timeout=120) as http:
+        yield SimpleNamespace(url=url, config=config, uri_dir=uri_dir, http=http)
+    serve.shutdown()
+    deadline = time.time() + 60  # the replicas' CPUs go back to the tests that follow
+    while ray_session.available_resources().get("CPU", 0) < cpus_before and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray_session.available_resources().get("CPU", 0) >= cpus_before
+
+
+def _labels(body: dict) -> np.ndarray:
+    return decode_label_png(base64.b64decode(body["outputs"]["label_png"])).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# acceptance 1: a running app answers POST /v1/segment like the library does
+
+
+def test_multipart_segment_equals_library_with_png_overlay_and_rle(service, images, library):
+    image = images[0]
+    response = service.http.post(
+        "/v1/segment",
+        files={"image": ("scene.jpg", image.data, "image/jpeg")},
+        data={"classes": ",".join(CLASSES), "outputs": "label_png,overlay_png,rle"},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    SegmentResponse.model_validate(body)
+    expected = library.segment(image.array, CLASSES)
+    height, width = image.array.shape[:2]
+
+    labels = _labels(body)
+    assert labels.shape == (height, width)
+    np.testing.assert_array_equal(labels, expected.labels)
+    assert body["classes"] == CLASSES
+    assert body["pixel_fractions"] == pytest.approx(expected.pixel_fractions())
+    assert (body["num_proposals"], body["num_valid_regions"]) == (expected.num_proposals, expected.num_valid_regions)
+
+    rles = body["outputs"]["rle"]
+    present = {CLASSES[i] for i in np.unique(expected.labels)}
+    assert set(rles) == present
+    for name, rle in rles.items():
+        decoded = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")})
+        np.testing.assert_array_equal(decoded.astype(bool), expected.labels == CLASSES.index(name))
+
+    overlay = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["outputs"]["overlay_png"]))))
+    assert overlay.shape[0] >= height and overlay.shape[1] > width  # legend on the right
+
+    timings = body["timings"]
+    for stage in ("decode_s", "proposals_s", "text_s", "regions_s", "region_forward_s", "fusion_s",
+                  "outputs_s", "total_s"):
+        assert timings[stage] >= 0, stage
+    assert timings["total_s"] >= timings["regions_s"]
+    assert body["region_batch"]["regions"] >= expected.num_valid_regions >= 1
+
+
+@pytest.mark.parametrize("lam, threshold", [(0.0, None), (1.0, 0.6), (0.35, 0.2)])
+def test_json_base64_with_lambda_and_threshold_equals_library(service, images, library, lam, threshold):
+    image = images[1]
+    payload = {"image_base64": base64.b64encode(image.data).decode(), "classes": CLASSES[:5], "lambda": lam}
+    if threshold is not None:
+        payload["mask_threshold"] = threshold
+    response = service.http.post("/v1/segment", json=payload)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = library.segment(image.array, CLASSES[:5], lam=lam, mask_threshold=threshold)
+    np.testing.assert_array_equal(_labels(body), expected.labels)
+    assert body["lambda"] == lam and body["mask_threshold"] == (threshold or 0.4)
+    if lam == 0.0:  # MaskFormer only: the CLIP stage is skipped
+        assert body["num_valid_regions"] == 0 and body["region_batch"]["requests"] == 0
+        assert "regions_s" not in body["timings"]
+
+
+def test_image_uri_from_s3_and_allowed_local_dir(service, images, library, s3_bucket, tmp_path):
+    image = images[2]
+    expected = library.segment(image.array, CLASSES).labels
+    uri = f"{s3_bucket}/photos/scene.jpg"
+    storage.write_bytes(uri, image.data)
+    local = os.path.join(str(service.uri_dir), "scene.jpg")
+    storage.write_bytes(local, image.data)
+    for source in (uri, local):
+        response = service.http.post("/v1/segment", json={"image_uri": source, "classes": CLASSES})
+        assert response.status_code == 200, response.text
+        np.testing.assert_array_equal(_labels(response.json()), expected)
+
+    outside = tmp_path / "elsewhere.jpg"
+    outside.write_bytes(image.data)
+    sneaky = os.path.join(str(service.uri_dir), "..", os.path.basename(tmp_path), "elsewhere.jpg")
+    for forbidden in (str(outside), sneaky, "http://127.0.0.1:1/x.jpg", "file:///etc/passwd"):
+        response = service.http.post("/v1/segment", json={"image_uri": forbidden, "classes": CLASSES})
+        assert response.status_code == 403 and "allowed prefix" in response.json()["detail"], forbidden
+    response = service.http.post("/v1/segment", json={"image_uri": f"{s3_bucket}/missing.jpg", "classes": CLASSES})
+    assert response.status_code == 400 and "missing.jpg" in response.json()["detail"]
+
+
+# ------------------------------------------------------------------------------------------------
+# acceptance 3: bad input gets its 4xx with a message; the service keeps working
+
+
+def _huge_png() -> bytes:
+    """1000 x 1000 pixels (over the 300 000 limit) in a few kilobytes."""
+    return encode_png(np.zeros((1000, 1000), dtype=np.uint8))
+
+
+def _bad_requests(image_data: bytes) -> list[tuple[str, dict, int, str]]:
+    def upload(data: bytes, **fields) -> dict:
+        return {"files": {"image": ("x.jpg", data)}, "data": {"classes": "sky,car", **fields}}
+
+    b64 = base64.b64encode(image_data).decode()
+    return [
+        ("not an image", upload(b"this is not an image"), 400, "not a recognised image format"),
+        ("truncated jpeg", upload(image_data[: len(image_data) // 2]), 400, "cannot decode"),
+        ("empty file", upload(b""), 400, "empty"),
+        ("too many pixels", upload(_huge_png()), 413, "1000x1000 = 1000000 pixels; the limit is 300000"),
+        ("body too large", upload(os.urandom(2_100_000)), 413, "limit is 2000000 bytes"),
+        ("empty class list", upload(image_data, classes=""), 422, "class list is empty"),
+        ("too many classes", upload(image_data, classes=",".join(f"c{i}" for i in range(51))), 422,
+         "too many classes: 51 given, the limit is 50"),
+        ("over-long name", upload(image_data, classes="sky," + "x" * 61), 422, "class name #1 is 61 characters"),
+        ("empty name", upload(image_data, classes="sky,,car"), 422, "class name #1 is empty"),
+        ("broken JSON list", upload(image_data, classes='["sky", "car"'), 422, "not valid JSON"),
+        ("repeated name", upload(image_data, classes="sky,car, sky"), 422,
+         "class name #2 ('sky') repeats class name #0"),
+        ("lambda out of range", upload(image_data, **{"lambda": "1.5"}), 422, "lambda"),
+        ("threshold out of range", upload(image_data, mask_threshold="0"), 422, "mask_threshold"),
+        ("threshold not a number", upload(image_data, mask_threshold="high"), 422, "mask_threshold"),
+        ("unknown output", upload(image_data, outputs="jpeg"), 422, "outputs"),
+        ("no image field", {"data": {"classes": "sky"}, "files": {"picture": ("x.jpg", image_data)}}, 422,
+         "unknown form field(s) picture"),
+        ("two images", {"files": [("image", ("a.jpg", image_data)), ("image", ("b.jpg", image_data))],
+                        "data": {"classes": "sky"}}, 422, "exactly one 'image' file field, got 2"),
+        ("classes missing", {"files": {"image": ("x.jpg", image_data)}}, 422, "classes"),
+        ("bad base64", {"json": {"image_base64": "%%%not-base64", "classes": ["sky"]}}, 400, "not valid base64"),
+        ("no image in json", {"json": {"classes": ["sky"]}}, 422, "exactly one of image_base64 and image_uri"),
+        ("two images in json", {"json": {"classes": ["sky"], "image_base64": b64, "image_uri": "s3://b/k"}}, 422,
+         "exactly one"),
+        ("classes not a list", {"json": {"image_base64": b64, "classes": "sky"}}, 422, "classes"),
+        ("unknown json field", {"json": {"image_base64": b64, "classes": ["sky"], "colour": 1}}, 422, "colour"),
+        ("empty json list", {"json": {"image_base64": b64, "classes": []}}, 422, "class list is empty"),
+        ("malformed json", {"content": b"{not json", "headers": {"content-type": "application/json"}}, 400,
+         "not valid JSON"),
+        ("json not an object", {"json": ["sky"]}, 422, "must be an object"),
+        ("json nested too deeply", {"content": b"[" * 100_000, "headers": {"content-type": "application/json"}},
+         400, "nested too deeply"),
+        ("plain text body", {"content": b"sky", "headers": {"content-type": "text/plain"}}, 415,
+         "unsupported content type 'text/plain'"),
+        ("multipart without boundary", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
+         400, "boundary"),
+    ]
+
+
+def test_bad_inputs_get_4xx_with_a_message_and_the_service_keeps_working(service, images, library):
+    before = service.http.get("/v1/info").json()["requests_by_status"]
+    cases = _bad_requests(images[0].data)
+    for name, request, status, message in cases:
+        response = service.http.post("/v1/segment", **request)
+        assert response.status_code == status, (name, response.text)
+        assert message in response.json()["detail"], (name, response.json())
+
+    response = service.http.post("/v1/segment", files={"image": ("x.jpg", images[0].data)}, data={"classes": "sky,car"})
+    assert response.status_code == 200
+    np.testing.assert_array_equal(_labels(response.json()), library.segment(images[0].array, ["sky", "car"]).labels)
+    after = service.http.get("/v1/info").json()["requests_by_status"]
+    assert "500" not in after
+    added = sum(after.values()) - sum(before.values())
+    assert added == len(cases) + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# acceptance 2 and 4: replica counts, cross-request region batches, 200 requests from 8 clients
+
+
+def test_replica_counts_and_region_batches_under_load(service, images, library):
+    from ray import serve
+
+    deployments = serve.status().applications[service.config.app_name].deployments
+    running = {name: d.replica_states.get("RUNNING", 0) for name, d in deployments.items()}
+    assert running == {"OVSegIngress": 1, "MaskProposer": 1, "RegionClassifier": 2}
+    assert service.http.get("/v1/info").json()["replicas"]["RegionClassifier"]["running"] == 2
+
+    vocabularies = [CLASSES, CLASSES[:3], ["red ball", "blue sky", "green grass"], CLASSES[::-1]]
+    jobs = [(i % len(images), i % len(vocabularies)) for i in range(200)]
+    expected = {
+        (m, v): library.segment(images[m].array, vocabularies[v]).labels for m, v in set(jobs)
+    }
+
+    def client(worker: int) -> list[tuple[int, int, int, dict]]:
+        done = []
+        with httpx.Client(base_url=service.url, timeout=120) as http:
+            for m, v in jobs[worker::8]:
+                response = http.post("/v1/segment", files={"image": ("x.jpg", images[m].data)},
+                                     data={"classes": json.dumps(vocabularies[v])})
+                done.append((m, v, response.status_code, response.json()))
+        return done
+
+    with ThreadPoolExecutor(8) as pool:
+        results = [r for part in pool.map(client, range(8)) for r in part]
+
+    assert len(results) == 200
+    failures = [(status, body) for _, _, status, body in results if status != 200]
+    assert not failures, failures[:3]
+    for m, v, _, body in results:
+        np.testing.assert_array_equal(_labels(body), expected[(m, v)])
+    batch_sizes = [body["region_batch"]["requests"] for *_, body in results]
+    assert max(batch_sizes) > 1, batch_sizes
+    observed = service.http.get("/v1/info").json()["region_batching"]
+    assert observed["max_observed_batch_requests"] > 1
+    assert observed["max_observed_batch_requests"] <= service.config.batching.max_batch_requests
+    assert sum(observed["observed_batch_requests"].values()) >= 200
+
+
+# ------------------------------------------------------------------------------------------------
+# info, docs, client
+
+
+def test_health_info_and_openapi_docs(service):
+    assert service.http.get("/healthz").json() == {"status": "ok"}
+    info = service.http.get("/v1/info").json()
+    assert info["model"]["preset"] == "tiny" and info["model"]["num_queries"] == 16
+    assert info["model"]["defaults"] == {"lambda": 0.7, "mask_threshold": 0.4}
+    assert info["limits"]["max_pixels"] == 300_000 and info["limits"]["max_classes"] == 50
+    assert set(info["replicas"]) == {"OVSegIngress", "MaskProposer", "RegionClassifier"}
+    docs = service.http.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    spec = service.http.get("/openapi.json").json()
+    content = spec["paths"]["/v1/segment"]["post"]["requestBody"]["content"]
+    assert {"multipart/form-data", "application/json"} <= set(content)
+    assert {"200", "400", "413", "422"} <= set(spec["paths"]["/v1/segment"]["post"]["responses"])
+
+
+def test_python_client(service, images, library, s3_bucket):
+    from ovseg_ray.client import OVSegClient, OVSegError, overlay_image
+
+    image = images[3]
+    expected = library.segment(image.array, CLASSES).labels
+    uri = f"{s3_bucket}/client.jpg"
+    storage.write_bytes(uri, image.data)
+    with OVSegClient(service.url) as client:
+        assert client.health()
+        for source in (image.path, image.array, image.data, uri):
+            result = client.segment(source, CLASSES, outputs=["label_png", "rle", "overlay_png"])
+            np.testing.assert_array_equal(result.labels, expected)
+            for index, name in enumerate(CLASSES):
+                np.testing.assert_array_equal(result.mask(name), expected == index)
+            assert overlay_image(result).shape[0] == image.array.shape[0]
+        rle_only = client.segment(image.path, CLASSES, lam=0.0, outputs=["rle"])
+        assert rle_only.labels is None
+        np.testing.assert_array_equal(rle_only.mask(CLASSES[0]),
+                                      library.segment(image.array, CLASSES, lam=0.0).labels == 0)
+        with pytest.raises(OVSegError) as error:
+            client.segment(image.path, [])
+        assert error.value.status_code == 422 and "empty" in error.value.detail
+        with pytest.raises(OVSegError) as error:
+            client.segment(image.path, CLASSES, mask_threshold=1.5)
+        assert error.value.status_code == 422 and "mask_threshold" in error.value.detail
+
+
+# ------------------------------------------------------------------------------------------------
+# pieces without Ray: stages, request parsing, config
+
+
+def test_stages_with_cross_request_batch_equal_library(library, images):
+    from ovseg_ray.serving.stages import ProposalStage, RegionStage, load_segmenter
+
+    settings = ModelSettings(preset="tiny")
+    proposals = ProposalStage(load_segmenter(settings, "proposals"))
+    regions = RegionStage(load_segmenter(settings, "regions"), max_regions_per_forward=20)
+    assert proposals.segmenter.model.clip.visual is None and regions.segmenter.model.maskformer is None
+    for lam, threshold in [(0.7, 0.4), (1.0, 0.6)]:
+        pending = [proposals.propose(img.array, CLASSES, lam, threshold) for img in images]
+        results = regions.embed_batch([p.region_request for p in pending])  # four requests, one batch
+        for img, waiting, result in zip(images, pending, results):
+            assert result.batch_requests == len(images)
+            masks = waiting.region_request.masks()
+            assert masks.dtype.is_floating_point is False
+            assert masks.shape == waiting.proposals.mask_logits.shape
+            np.testing.assert_array_equal(masks.numpy(), waiting.proposals.binary_masks(threshold).numpy())
+            output = proposals.finish(waiting, result)
+            np.testing.assert_array_equal(output.labels, library.segment(img.array, CLASSES, lam, threshold).labels)
+
+
+def test_multipart_parser_keeps_binary_content_exactly():
+    payload = b"\r\n--not-the-boundary\r\n\x00\xff" + os.urandom(5000) + b"\r\n\r\n--"
+    request = httpx.Request(
+        "POST", "http://x/", files={"image": ("a b\".png", payload, "image/png")},
+        data={"classes": ["sky", "red car, parked"], "lambda": "0.5"},
+    )
+    body = request.read()
+    parts = parse_multipart(body, request.headers["content-type"])
+    by_name = {}
+    for part in parts:
+        by_name.setdefault(part.name, []).append(part)
+    assert by_name["image"][0].data == payload
+    assert [p.data for p in by_name["classes"]] == [b"sky", b"red car, parked"]
+    parsed = parse_segment_request(body, request.headers["content-type"], Limits(), DEFAULTS)
+    assert parsed.classes == ["sky", "red car, parked"] and parsed.lam == 0.5 and parsed.image_bytes == payload
+    assert parsed.outputs == ["label_png"] and parsed.mask_threshold == 0.4
+    with pytest.raises(MultipartError, match="no closing boundary") as error:
+        parse_multipart(body[: len(body) // 2], request.headers["content-type"])
+    assert error.value.status == 400
+    with pytest.raises(RequestError, match="no closing boundary") as error:
+        parse_segment_request(body[:-10], request.headers["content-type"], Limits(), DEFAULTS)
+    assert error.value.status == 400
+
+
+def test_corrupted_images_are_400_or_decode_never_another_error(images):
+    rng = np.random.default_rng(0)
+    sources = [images[0].data, encode_png(images[0].array), encode_png(images[0].array[..., 0])]
+    for data in sources:
+        for _ in range(40):
+            corrupt = bytearray(data)
+            cut = int(rng.integers(8, len(corrupt)))
+            for position in rng.integers(0, len(corrupt), size=int(rng.integers(1, 20))):
+                corrupt[position] = int(rng.integers(0, 256))
+            try:
+                decoded = decode_checked(bytes(corrupt[: cut if rng.random() < 0.5 else len(corrupt)]), "x", 10**7)
+            except RequestError as exc:
+                assert exc.status in (400, 413) and exc.message
+            else:
+                assert decoded.dtype == np.uint8 and decoded.ndim == 3
+
+
+def test_uri_prefixes(tmp_path):
+    allowed = ["s3://images/", str(tmp_path)]
+    assert uri_allowed("s3://images/a.jpg", allowed) and not uri_allowed("s3://other/a.jpg", allowed)
+    assert uri_allowed(str(tmp_path / "a.jpg"), allowed)
+    assert not uri_allowed(str(tmp_path / ".." / "a.jpg"), allowed)
+    assert not uri_allowed(str(tmp_path) + "-sibling/a.jpg", allowed)
+    assert not uri_allowed("gs://images/a.jpg", allowed) and not uri_allowed("s3://images/a.jpg", [])
+
+
+def test_serve_config_validation_names_the_field(tmp_path):
+    from ovseg_ray.models.text import MAX_NAME_CHARS
+    from ovseg_ray.outputs import OUTPUT_KINDS
+    from ovseg_ray.serving.config import MAX_NAME_CHARS as MIRRORED
+    from ovseg_ray.serving.config import OutputKind
+
+    assert set(OutputKind.__args__) == set(OUTPUT_KINDS) and MIRRORED == MAX_NAME_CHARS
+    cases = [
+        ({"classifier": {"num_replicas": 2, "autoscaling": {"max_replicas": 3}}}, "classifier"),
+        ({"proposer": {"autoscaling": {"min_replicas": 5, "max_replicas": 2}}}, "proposer.autoscaling"),
+        ({"classifier": {"max_ongoing_requests": 4}}, "batching.max_batch_requests (16)"),
+        ({"limits": {"max_classes": 0}}, "limits.max_classes"),
+        ({"model": {"preset": "huge"}}, "model.preset"),
+        ({"ingress": {"num_gpus": -1}}, "ingress.num_gpus"),
+        ({"default_outputs": ["jpeg"]}, "default_outputs"),
+        ({"batchng": {}}, "batchng"),
+    ]
+    for data, field in cases:
+        path = tmp_path / "serve.yaml"
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(ConfigError, match=field.replace("(", r"\(").replace(")", r"\)")):
+            load_serve_config(str(path))
+    options = ServeConfig().classifier.deployment_options()  # no Ray here: "auto" means no GPU
+    assert options["ray_actor_options"]["num_gpus"] == 0 and options["num_replicas"] == 1
+    with pytest.raises(ValueError, match="no GPUs"):
+        ServeConfig(classifier={"num_gpus": 0.5}).classifier.deployment_options()
+
+
+def test_cluster_serve_config_is_a_valid_serve_deploy_file(tmp_path):
+    from ray.serve.schema import ServeDeploySchema
+
+    path = os.path.join(REPO, "cluster", "serve_config.yaml")
+    data = yaml.safe_load(open(path))
+    schema = ServeDeploySchema.model_validate(data)
+    assert schema.applications[0].import_path == "ovseg_ray.serving:app_builder"
+    config = load_serve_config(path)
+    assert config.http.port == 8000 and config.http.host == "0.0.0.0"
+    proposer, classifier = config.proposer.autoscaling, config.classifier.autoscaling
+    assert proposer is not None and classifier is not None and proposer != classifier
+    assert config.proposer.num_gpus == 0.5 and config.classifier.num_gpus == 0.5
+
+    data["applications"][0]["deployments"] = [{"name": "RegionClassifier", "num_replicas": 3}]
+    other = tmp_path / "deploy.yaml"
+    other.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="args.ingress / args.proposer / args.classifier"):
+        load_serve_config(str(other))
+
+
+def test_cli_serve_reports_config_errors(tmp_path, capsys):
+    from ovseg_ray.cli import main
+
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("classifier:\n  num_replicas: 0\n")
+    assert main(["serve", "--config", str(bad)]) == 2
+    assert "classifier.num_replicas" in capsys.readouterr().err
+    assert main(["serve", "--limits.max-pixels", "-5"]) == 2
+    assert "limits.max_pixels" in capsys.readouterr().err
+    assert main(["serve", "--config", os.path.join(REPO, "cluster", "serve_config.yaml"), "--http.port", "1"]) == 2
+    assert "cannot override a serve deploy file" in capsys.readouterr().err
