@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import json
-import pickle
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from .. import storage
@@ -19,7 +16,8 @@ class CheckpointError(ValueError):
 
 
 class CheckpointMismatchError(CheckpointError):
-    def __init__(self, source: str, missing: list[str], unexpected: list[str], mismatched: list[str]):
+    def __init__(self, source: str, missing: list[str], unexpected: list[str], mismatched: list[str],
+                 hint: str = ""):
         self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
 
         def show(title: str, keys: list[str]) -> str:
@@ -31,35 +29,19 @@ class CheckpointMismatchError(CheckpointError):
             + show("missing keys", missing)
             + show("unexpected keys", unexpected)
             + show("shape mismatches", mismatched)
+            + (f"\n  {hint}" if hint else "")
         )
 
 
-def _is_safetensors(data: bytes) -> bool:
-    if len(data) < 10:
-        return False
-    header_len = int.from_bytes(data[:8], "little")
-    return 0 < header_len <= len(data) - 8 and data[8:9] == b"{"
+def read_checkpoint(uri: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file (path or s3://), read without running code from it.
 
+    safetensors, torch files with ``weights_only=True`` (state dict found under ``state_dict`` /
+    ``model`` wrappers) and TorchScript archives (tensor records only); see ``ovseg_ray.weights.readers``.
+    """
+    from ..weights.readers import read_tensors
 
-def read_checkpoint(uri: str) -> dict:
-    """The raw object in a checkpoint file: safetensors, or a torch file loaded with weights_only."""
-    data = storage.read_bytes(uri)
-    if _is_safetensors(data):
-        return load_safetensors_bytes(data)
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{uri} is a pickle that needs arbitrary code to load, which is refused for safety "
-            f"(torch.load weights_only=True said: {str(exc).splitlines()[0]}). Convert it once, in an "
-            f"environment you trust, with `ovseg-ray convert {uri} OUT.safetensors`."
-        ) from None
-    except RuntimeError as exc:
-        if "TorchScript" in str(exc) or "constants.pkl" in str(exc):
-            raise CheckpointError(
-                f"{uri} is a TorchScript archive; convert it with `ovseg-ray convert {uri} OUT.safetensors`"
-            ) from None
-        raise CheckpointError(f"cannot read checkpoint {uri}: {exc}") from None
+    return read_tensors(uri).tensors
 
 
 def unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
@@ -74,25 +56,55 @@ def unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"no tensors found in checkpoint {source}")
 
 
-def check_and_load(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load ``state_dict`` strictly; any missing, unexpected or mis-shaped key is an error naming it."""
-    expected = module.state_dict()
-    missing = sorted(k for k in expected if k not in state_dict)
-    unexpected = sorted(k for k in state_dict if k not in expected)
+def check_state(
+    expected: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor],
+    source: str,
+    *,
+    optional: Collection[str] = (),
+    unexpected_extra: Collection[str] = (),
+    describe: Callable[[str], str] | None = None,
+    hint: str = "",
+) -> None:
+    """Raise ``CheckpointMismatchError`` naming every missing, unexpected or mis-shaped key.
+
+    ``expected`` is the target state dict (or any tensors with the target shapes); keys in
+    ``optional`` may be absent; ``unexpected_extra`` are source keys that had no place at all;
+    ``describe`` turns a key into the name shown (e.g. adding the key's name in the source file).
+    """
+    name = describe or (lambda key: key)
+    missing = sorted(name(k) for k in expected if k not in state_dict and k not in optional)
+    unexpected = sorted([name(k) for k in state_dict if k not in expected] + list(unexpected_extra))
     mismatched = sorted(
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        f"{name(k)}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
         for k, v in state_dict.items()
         if k in expected and tuple(v.shape) != tuple(expected[k].shape)
     )
     if missing or unexpected or mismatched:
-        raise CheckpointMismatchError(source, missing, unexpected, mismatched)
-    module.load_state_dict(dict(state_dict), strict=True)
+        raise CheckpointMismatchError(source, missing, unexpected, mismatched, hint)
+
+
+def check_and_load(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, **check) -> None:
+    """Load ``state_dict`` strictly; any missing, unexpected or mis-shaped key is an error naming it.
+
+    Extra keyword arguments go to ``check_state`` (e.g. ``describe`` for source-side key names;
+    keys named ``optional`` that the checkpoint lacks keep the module's current values).
+    """
+    check_state(module.state_dict(), state_dict, source, **check)
+    module.load_state_dict(dict(state_dict), strict=not check.get("optional"))
 
 
 def save_checkpoint(module_or_state: torch.nn.Module | Mapping[str, torch.Tensor], uri: str,
                     metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors checkpoint (tensors made contiguous and moved to CPU)."""
+    """Write a safetensors checkpoint (tensors made contiguous, moved to CPU, given storage of their own)."""
     state = module_or_state.state_dict() if isinstance(module_or_state, torch.nn.Module) else module_or_state
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tensors = {k: _own_storage(v.detach().to("cpu").contiguous()) for k, v in state.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     storage.write_bytes(uri, save_safetensors_bytes(tensors, metadata=meta))
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` itself if it spans its whole storage, else a copy (safetensors refuses shared memory)."""
+    if tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone()

@@ -15,7 +15,6 @@ from torch import nn
 
 from ..config import StrictModel
 from ..device import resolve_device
-from .checkpoint import check_and_load, read_checkpoint, unwrap_state_dict
 from .clip import clip_tokenizer, create_clip, freeze_text_tower, known_clip_architectures
 from .maskformer import MaskFormerConfig, OpenVocabMaskFormer
 from .masked_clip import MaskedVisionEncoder
@@ -129,7 +128,11 @@ def build_model(
 
 
 def load_weights(model: OVSegModel, uri: str) -> None:
-    """Load our own checkpoint layout from ``uri``; mismatches raise an error listing the keys."""
-    state = unwrap_state_dict(read_checkpoint(uri), uri)
-    expected = model.state_dict()
-    check_and_load(model, {k: v.to(expected[k].dtype) if k in expected else v for k, v in state.items()}, uri)
+    """Load a whole-model checkpoint from ``uri`` (path or s3://): our layout or an OVSeg release file.
+
+    Mismatches raise an error listing the missing, unexpected and mis-shaped keys (see
+    ``ovseg_ray.weights`` for the formats read; CLIP-only files go through ``load_clip_weights``).
+    """
+    from ..weights import load_model_weights
+
+    load_model_weights(model, uri)

@@ -1,0 +1,1 @@
+"""Key manifests of the OVSeg release checkpoints (JSON) and the rules that derive them (``derive``)."""
