@@ -80,3 +80,15 @@ def test_lambda_zero_skips_clip_and_matches_maskformer_only(tiny_model):
 def test_processing_size_follows_shorter_side_with_cap():
     assert processing_size(480, 640, 512, 2048) == (512, 683)
     assert processing_size(100, 4000, 512, 2048) == (51, 2048)
+
+
+def test_clip_weights_replace_the_models_clip(tmp_path, tiny_model):
+    """An OpenCLIP-style checkpoint ({"state_dict": {"module.*"}}) given as clip_weights replaces CLIP only."""
+    donor = build_model("tiny", seed=9)
+    path = str(tmp_path / "openclip.pt")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in donor.clip.state_dict().items()}}, path)
+    model = build_model("tiny", clip_weights=path)
+    for key, value in donor.clip.state_dict().items():
+        assert torch.equal(model.clip.state_dict()[key], value), key
+    assert torch.equal(model.maskformer.sem_seg_head.predictor.query_embed.weight,
+                       tiny_model.maskformer.sem_seg_head.predictor.query_embed.weight)

@@ -13,7 +13,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes-file", help="file (path or s3://) with one class name per line")
     parser.add_argument("--preset", default="tiny",
                         help="model preset: tiny (random weights), r101c-vitb16, swinb-vitl14 (default tiny)")
-    parser.add_argument("--weights", default=None, help="checkpoint path or s3:// URI (our layout)")
+    parser.add_argument("--weights", default=None,
+                        help="whole-model checkpoint, path or s3:// URI: our layout or an OVSeg release .pth")
+    parser.add_argument("--clip-weights", default=None,
+                        help="CLIP-only weights (OpenAI ViT-*.pt, OpenCLIP checkpoint or `ovseg-ray convert "
+                             "--preset P` output) that replace the model's CLIP after --weights")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
 

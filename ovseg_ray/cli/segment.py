@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from ..outputs import write_segmentation
 
     classes = read_class_names(args.classes, args.classes_file)
-    model = build_model(args.preset, weights=args.weights, device=args.device)
+    model = build_model(args.preset, weights=args.weights, clip_weights=args.clip_weights, device=args.device)
     segmenter = Segmenter(model)
     failures = 0
     for uri in args.images:

@@ -112,8 +112,12 @@ def build_model(
     weights: str | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    clip_weights: str | None = None,
 ) -> OVSegModel:
     """Build a model from a preset name or config; load ``weights`` (path or s3:// URI) if given.
+
+    ``clip_weights`` (a CLIP-only file: OpenAI, OpenCLIP, or ``ovseg-ray convert --preset`` output)
+    then replaces the model's CLIP, e.g. to try a fine-tuned CLIP with released MaskFormer weights.
 
     Without weights the parameters are random but reproducible: every process that builds the same
     preset with the same seed gets identical weights (so Ray workers agree with each other).
@@ -124,6 +128,10 @@ def build_model(
         model = OVSegModel(config)
     if weights:
         load_weights(model, weights)
+    if clip_weights:
+        from ..weights import load_clip_weights
+
+        load_clip_weights(model, clip_weights)
     return model.to(resolve_device(device)).eval()
 
 
