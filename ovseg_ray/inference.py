@@ -92,13 +92,33 @@ class Segmenter:
         return Proposals(resized, out["class_embeddings"], out["mask_logits"])
 
     @torch.no_grad()
+    def embed_regions_many(
+        self, items: list[tuple[torch.Tensor, torch.Tensor]], max_per_forward: int = 512
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Masked-CLIP embeddings for the regions of several images, in shared encoder forwards.
+
+        ``items`` are (image (3, h, w) 0-255, masks (Q, h, w) bool) pairs. Each image's regions are
+        cropped separately (THE region preprocessing), then all regions go through the encoder in
+        chunks of ``max_per_forward``. Returns, per item, unit-norm embeddings (K, E) of its
+        non-empty masks and its (Q,) valid flags.
+        """
+        batches = [self.regions(image.to(self.device), masks.to(self.device)) for image, masks in items]
+        counts = [len(batch) for batch in batches]
+        encoder = self.model.region_encoder
+        if sum(counts) == 0:
+            embeddings = torch.zeros(0, encoder.output_dim, device=self.device)
+        else:
+            images = torch.cat([b.images for b in batches])
+            masks = torch.cat([b.masks for b in batches])
+            embeddings = torch.cat([
+                F.normalize(encoder(images[i : i + max_per_forward], masks[i : i + max_per_forward]).float(), dim=-1)
+                for i in range(0, images.shape[0], max_per_forward)
+            ])
+        return [(part, batch.valid) for part, batch in zip(torch.split(embeddings, counts), batches)]
+
     def embed_regions(self, image: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-norm masked-CLIP embeddings (K, E) of the non-empty ``masks`` and the (Q,) valid flags."""
-        batch = self.regions(image.to(self.device), masks.to(self.device))
-        if len(batch) == 0:
-            return torch.zeros(0, self.model.region_encoder.output_dim, device=self.device), batch.valid
-        embeddings = self.model.region_encoder(batch.images, batch.masks)
-        return F.normalize(embeddings.float(), dim=-1), batch.valid
+        return self.embed_regions_many([(image, masks)])[0]
 
     def classify_regions(self, image: torch.Tensor, masks: torch.Tensor, classes: list[str]):
         """CLIP class probabilities (K, C) of the valid masks, plus the valid flags."""

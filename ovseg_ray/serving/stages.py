@@ -17,7 +17,6 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..device import resolve_device
 from ..inference import Proposals, Segmenter
@@ -104,25 +103,13 @@ class RegionStage:
     @torch.no_grad()
     def embed_batch(self, requests: list[RegionRequest]) -> list[RegionResult]:
         start = time.perf_counter()
-        segmenter = self.segmenter
-        device = segmenter.device
-        batches = [segmenter.regions(_tensor(r.image).to(device), r.masks().to(device)) for r in requests]
-        counts = [len(b) for b in batches]
-        encoder = segmenter.model.region_encoder
-        if sum(counts) == 0:
-            embeddings = torch.zeros(0, encoder.output_dim)
-        else:
-            images = torch.cat([b.images for b in batches])
-            masks = torch.cat([b.masks for b in batches])
-            step = self.max_regions_per_forward
-            embeddings = torch.cat([
-                F.normalize(encoder(images[i : i + step], masks[i : i + step]).float(), dim=-1)
-                for i in range(0, images.shape[0], step)
-            ]).cpu()
+        items = [(_tensor(r.image), r.masks()) for r in requests]
+        results = self.segmenter.embed_regions_many(items, self.max_regions_per_forward)
         elapsed = time.perf_counter() - start
+        total = sum(int(embeddings.shape[0]) for embeddings, _ in results)
         return [
-            RegionResult(part.numpy(), batch.valid.cpu().numpy(), len(requests), sum(counts), elapsed)
-            for part, batch in zip(torch.split(embeddings, counts), batches)
+            RegionResult(embeddings.cpu().numpy(), valid.cpu().numpy(), len(requests), total, elapsed)
+            for embeddings, valid in results
         ]
 
 
