@@ -1,0 +1,49 @@
+"""``ovseg-ray train-clip``: adapt the masked CLIP to mined (region, noun) pairs with Ray Train.
+
+    ovseg-ray train-clip --config train_clip.yaml [--mode ft --optim.epochs 5 --run.num-workers 8 ...]
+
+Modes: ``ft`` (whole image tower), ``mpt`` (mask prompts only; CLIP unchanged), ``ft-mpt`` (prompts
+only, from an ft run's ``final/model.safetensors`` given as ``--model.init-weights``). Every config
+field is also a flag. Checkpoints go to RUN.STORAGE_PATH/RUN.NAME; re-running the same command
+resumes from the latest one, and a finished run is reported, not started again. Outputs in
+RUN/final/: ``model.safetensors`` (for ``segment --weights``), ``open_clip_model.safetensors``
+(plain ``open_clip.create_model(arch, pretrained=PATH)``; for the tiny preset's ``ovseg-tiny-vit``
+call ``ovseg_ray.models.clip.register_clip_configs()`` first), ``mask_prompts.safetensors`` and
+``summary.json`` (per-epoch loss, accuracy, samples/s). Connects to the Ray cluster of
+``ray job submit`` (RAY_ADDRESS) or starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import add_config_arguments, config_from_args
+from ..training import TrainClipConfig
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train-clip", help="fine-tune the masked CLIP on mined pairs (Ray Train)", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(parser, TrainClipConfig)
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ray.train import TrainingFailedError
+
+    from ..raycluster import init_ray
+    from ..training import train_clip
+
+    config = config_from_args(args, TrainClipConfig)
+    init_ray(args.address)
+    try:
+        train_clip(config)
+    except TrainingFailedError as exc:
+        print(f"error: training failed after {config.run.max_failures} retries: {exc}; re-run the same "
+              f"command to resume from the last checkpoint", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,482 @@
+"""Ray Train engine for adapting the masked CLIP to mined pairs (thin wiring of ``train_clip``).
+
+Pairs Parquet (local or s3://) -> Ray Data (``decode_pairs``: masked, cropped, resized regions) ->
+Ray Train ``TorchTrainer`` (DDP, gloo on CPU, NCCL on GPU; one shard per worker) -> a checkpoint
+per epoch under ``STORAGE/NAME`` and, when done, ``STORAGE/NAME/final/`` (see
+``train_clip.export_model``). Re-running the same command resumes from the latest checkpoint; a
+finished run is reported and not started again.
+
+The pair rows (URIs and RLE text, small) are read once into Ray's object store; regions are decoded
+every epoch by Ray Data tasks (``data.cache_regions`` keeps them instead, for small tables). On a
+multi-node cluster ``run.storage_path`` must be shared storage (s3:// or a shared mount), as Ray
+Train requires: rank 0 writes ``final/`` there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from . import storage
+from .config import ConfigError, StrictModel
+from .models.ovseg import preset_names
+from .models.text import MAX_NAME_CHARS
+from .train_clip import (
+    MODE_DEFAULTS,
+    SUMMARY_FILE,
+    build_training_model,
+    export_model,
+    load_training_checkpoint,
+    model_config,
+    read_safetensors_metadata,
+    save_training_checkpoint,
+)
+from .train_pairs import REQUIRED_PAIR_COLUMNS, batch_tensors, decode_pairs, region_size
+
+logger = logging.getLogger(__name__)
+RUN_RECORD = "train_clip_config.json"
+FINAL_DIR = "final"
+FAULT_DIR = "fault_injection"
+
+
+class ModelSection(StrictModel):
+    preset: str = Field("tiny", description="model preset (tiny, r101c-vitb16, swinb-vitl14)")
+    init_weights: str | None = Field(None, description="starting checkpoint, our layout (path or s3://); "
+                                     "for ft-mpt the final model.safetensors of an ft run")
+    clip_weights: str | None = Field(None, description="optional open_clip state dict replacing both CLIP towers")
+    prompt_depth: int | None = Field(None, ge=0, description="mask prompt depth (default: the preset's)")
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in preset_names():
+            raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(preset_names())}")
+        return value
+
+
+class DataSection(StrictModel):
+    pairs: str = Field(description="mined pairs Parquet file or folder (path or s3://)")
+    shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's local shuffle buffer (0 = off)")
+    preprocess_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data region-decoding task")
+    preprocess_batch_rows: int = Field(64, ge=1, description="pair rows per decoding task batch")
+    cache_regions: bool = Field(False, description="decode every pair once and keep the regions in Ray's "
+                                "object store for all epochs (small tables only: 3*S*S*4 bytes per pair)")
+
+
+class OptimSection(StrictModel):
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(32, ge=1, description="pairs per worker per step")
+    lr: float | None = Field(None, gt=0, description="peak learning rate (default: ft 5e-6, mpt/ft-mpt 2e-2)")
+    weight_decay: float | None = Field(None, ge=0, description="AdamW weight decay (default: ft 0.2, mpt 0)")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the cosine decay")
+    grad_clip_norm: float | None = Field(None, gt=0)
+    logit_scale: float = Field(100.0, gt=0, description="cosine similarity multiplier in both objectives")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast on GPU (auto = bf16 if supported); always fp32 on CPU")
+    gather_negatives: bool = Field(True, description="clip objective: negatives from every worker's batch")
+    seed: int = 0
+
+
+class RunSection(StrictModel):
+    storage_path: str = Field("runs/train_clip", description="checkpoints and outputs (path or s3://)")
+    name: str = Field("train-clip", min_length=1, description="run name: STORAGE/NAME holds the run")
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | Literal["auto"] = Field("auto", description="auto = one GPU per worker if the cluster has GPUs")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    checkpoints_to_keep: int = Field(2, ge=1)
+    max_failures: int = Field(3, ge=-1, description="worker failures retried from the last checkpoint (-1 = always)")
+    log_every_steps: int = Field(50, ge=0, description="rank 0 logs a progress line every N steps (0 = per "
+                                 "epoch only)")
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if "/" in value or value in (".", ".."):
+            raise ValueError("must be a plain name (no '/')")
+        return value
+
+
+class FaultInjection(StrictModel):
+    """Testing aid: one worker exits abruptly once, to exercise recovery from the last checkpoint."""
+
+    crash_at_epoch: int | None = Field(None, ge=1, description="crash after the first step of this epoch, "
+                                       "once the previous checkpoints are committed; only once per run")
+    crash_rank: int = Field(1, ge=0)
+
+
+class TrainClipConfig(StrictModel):
+    mode: Literal["ft", "mpt", "ft-mpt"] = Field("mpt", description="ft: whole image tower; mpt: mask prompts "
+                                                  "only; ft-mpt: prompts only, starting from an ft model")
+    objective: Literal["clip", "vocab"] = Field("clip", description="clip: in-batch contrastive; vocab: "
+                                                "cross-entropy over all training nouns")
+    text_templates: Literal["vild", "bare"] = Field("vild", description="noun embeddings: ViLD template "
+                                                    "ensemble or the bare noun")
+    model: ModelSection = ModelSection()
+    data: DataSection
+    optim: OptimSection = OptimSection()
+    run: RunSection = RunSection()
+    fault_injection: FaultInjection = FaultInjection()
+
+    def fingerprint(self) -> dict:
+        """The settings a resumed or finished run must share with the command that re-runs it."""
+        return self.model_dump(mode="json", include={"mode", "objective", "text_templates", "model", "optim"}) | {
+            "pairs": self.data.pairs}
+
+
+def run_dir(config: TrainClipConfig) -> str:
+    base = config.run.storage_path
+    if not storage.is_remote(base):
+        base = os.path.abspath(base)
+    return storage.join(base, config.run.name)
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return found
+
+
+def _check_run_record(config: TrainClipConfig, directory: str) -> None:
+    """Record the run's settings on first start; refuse to resume a run with other settings."""
+    record = storage.join(directory, RUN_RECORD)
+    if storage.exists(record):
+        previous = json.loads(storage.read_bytes(record))
+        changed = _differences(previous.get("fingerprint", {}), config.fingerprint())
+        if changed:
+            raise ConfigError(f"run {directory} was started with other settings ({'; '.join(changed)}); "
+                              f"resume it with the same settings or choose another run.name")
+        return
+    storage.write_text(record, json.dumps({"fingerprint": config.fingerprint(),
+                                           "config": config.model_dump(mode="json")}, indent=2))
+
+
+def finished_summary(config: TrainClipConfig) -> dict | None:
+    """The summary of this run if it already finished, else None."""
+    directory = run_dir(config)
+    path = storage.join(directory, FINAL_DIR, SUMMARY_FILE)
+    if not storage.exists(path):
+        return None
+    _check_run_record(config, directory)
+    return json.loads(storage.read_bytes(path))
+
+
+def _check_start_weights(config: TrainClipConfig) -> None:
+    if config.mode != "ft-mpt":
+        return
+    uri = config.model.init_weights
+    if not uri:
+        raise ConfigError("mode ft-mpt starts from an ft model: set model.init_weights to the final "
+                          "model.safetensors of an ft run")
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"model.init_weights not found: {uri}")
+    trained_mode = read_safetensors_metadata(uri).get("mode")
+    if trained_mode and trained_mode != "ft":
+        raise ConfigError(f"model.init_weights {uri} was written by a {trained_mode!r} run; ft-mpt starts "
+                          f"from the final model of an ft run")
+    if not trained_mode:
+        logger.warning("ft-mpt: %s carries no training record; assuming it is a fine-tuned (ft) model", uri)
+
+
+def _resolve_use_gpu(config: TrainClipConfig) -> bool:
+    from .device import resolve_num_gpus
+
+    requested = config.run.use_gpu
+    use_gpu = resolve_num_gpus("auto" if requested == "auto" else (1 if requested else 0)) > 0
+    if not use_gpu and config.optim.precision in ("bf16", "fp16"):
+        raise ConfigError(f"optim.precision {config.optim.precision} needs GPU workers; "
+                          f"use auto or fp32 on a CPU cluster")
+    return use_gpu
+
+
+def _check_cpu_budget(config: TrainClipConfig) -> None:
+    """Training workers plus one decoding task must fit the cluster, or the run would wait forever."""
+    import ray
+
+    total = float(ray.cluster_resources().get("CPU", 0.0))
+    workers = config.run.num_workers * config.run.cpus_per_worker
+    if workers + config.data.preprocess_cpus > total:
+        raise ConfigError(
+            f"{config.run.num_workers} workers x run.cpus_per_worker {config.run.cpus_per_worker:g} + "
+            f"data.preprocess_cpus {config.data.preprocess_cpus:g} need {workers + config.data.preprocess_cpus:g} "
+            f"CPUs but the Ray cluster has {total:g}: Ray Data could never decode a batch. Lower "
+            f"run.cpus_per_worker or data.preprocess_cpus, or use fewer workers")
+
+
+def _filesystem(uri: str):
+    """A pyarrow filesystem (through fsspec, so S3 settings match ``ovseg_ray.storage``) and path."""
+    if not storage.is_remote(uri):
+        return None, os.path.abspath(uri)
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = storage.filesystem(uri)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def load_pairs(config: TrainClipConfig):
+    """The pairs as a Ray Dataset of decoded regions, their row count and the sorted vocabulary."""
+    import ray.data
+
+    uri = config.data.pairs
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"pairs not found: {uri}")
+    filesystem, path = _filesystem(uri)
+    ds = ray.data.read_parquet(path, filesystem=filesystem)
+    missing = [c for c in REQUIRED_PAIR_COLUMNS if c not in ds.schema().names]
+    if missing:
+        raise ValueError(f"the pairs table {uri} lacks the column(s) {', '.join(missing)} "
+                         f"(needed: {', '.join(REQUIRED_PAIR_COLUMNS)}; see ovseg_ray.pairs.PAIR_SCHEMA)")
+    # The pair rows are small (RLE text): read them once, not again every epoch; regions are
+    # decoded per epoch (or once, with cache_regions).
+    ds = ds.select_columns(list(REQUIRED_PAIR_COLUMNS)).materialize()
+    rows = ds.count()
+    if rows == 0:
+        raise ValueError(f"the pairs table {uri} has no rows")
+    nouns = {str(n).strip() for n in ds.unique("noun") if n is not None}
+    vocabulary = sorted(n for n in nouns if n and len(n) <= MAX_NAME_CHARS)  # others: skipped rows
+    if not vocabulary:
+        raise ValueError(f"the pairs table {uri} has no non-empty nouns")
+    model = model_config(config.model.preset, config.model.prompt_depth)
+    ds = ds.map_batches(
+        decode_pairs,
+        fn_kwargs={"size": region_size(model), "interpolation": model.region_interpolation},
+        batch_size=config.data.preprocess_batch_rows,
+        batch_format="numpy",
+        num_cpus=config.data.preprocess_cpus,
+    )
+    if config.data.cache_regions:
+        ds = ds.materialize()
+    return ds, rows, vocabulary
+
+
+def train_clip(config: TrainClipConfig) -> dict:
+    """Run (or resume, or report the finished) training; returns the run summary.
+
+    Ray must be initialised (``ovseg_ray.raycluster.init_ray``).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    directory = run_dir(config)
+    done = finished_summary(config)
+    if done is not None:
+        print(f"run {directory} already finished ({done['epochs']} epochs); outputs in {done['outputs']['model']}")
+        return {**done, "already_finished": True}
+    _check_start_weights(config)
+    fault = config.fault_injection
+    if fault.crash_at_epoch is not None and fault.crash_rank >= config.run.num_workers:
+        raise ConfigError(f"fault_injection.crash_rank {fault.crash_rank} does not exist with "
+                          f"{config.run.num_workers} workers")
+    use_gpu = _resolve_use_gpu(config)
+    _check_cpu_budget(config)
+    ds, rows, vocabulary = load_pairs(config)
+    _check_run_record(config, directory)
+    default_lr, default_wd = MODE_DEFAULTS[config.mode]
+    lr = default_lr if config.optim.lr is None else config.optim.lr
+    wd = default_wd if config.optim.weight_decay is None else config.optim.weight_decay
+    print(f"train-clip {config.mode} ({config.objective}) on {rows} pairs, {len(vocabulary)} nouns, "
+          f"{config.run.num_workers} worker(s) on {'GPU' if use_gpu else 'CPU'}, lr {lr:g}, weight decay {wd:g}; "
+          f"run folder {directory}")
+
+    filesystem, storage_path = _filesystem(config.run.storage_path)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "vocabulary": vocabulary,
+                           "rows": rows, "run_dir": directory},
+        scaling_config=ScalingConfig(num_workers=config.run.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": config.run.cpus_per_worker}),
+        run_config=RunConfig(
+            name=config.run.name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=config.run.checkpoints_to_keep),
+            failure_config=FailureConfig(max_failures=config.run.max_failures),
+        ),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    summary_path = storage.join(directory, FINAL_DIR, SUMMARY_FILE)
+    if not storage.exists(summary_path):
+        raise RuntimeError(f"training ended without writing {summary_path} (last checkpoint: {result.checkpoint})")
+    summary = json.loads(storage.read_bytes(summary_path))
+    last = summary["history"][-1] if summary["history"] else {}
+    print(f"train-clip finished: {summary['epochs']} epochs, loss {last.get('loss', float('nan')):.4f}, "
+          f"accuracy {last.get('accuracy', float('nan')):.3f}; model {summary['outputs']['model']}")
+    return {**summary, "already_finished": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-worker training loop
+# ----------------------------------------------------------------------------------------------
+
+def _lockstep(iterator, device):
+    """Yield batches while every rank still has one, so collectives always pair up across ranks."""
+    import torch
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    iterator = iter(iterator)
+    while True:
+        batch = next(iterator, None)
+        if distributed:
+            flag = torch.tensor([0 if batch is None else 1], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            if int(flag) == 0:
+                return
+        elif batch is None:
+            return
+        yield batch
+
+
+def _maybe_crash(config: TrainClipConfig, directory: str, epoch: int, rank: int) -> None:
+    fault = config.fault_injection
+    if fault.crash_at_epoch != epoch or fault.crash_rank != rank:
+        return
+    marker = storage.join(directory, FAULT_DIR, f"epoch-{epoch}-rank-{rank}")
+    if storage.exists(marker):
+        return
+    import ray.train
+
+    # Die only once Ray Train has committed every checkpoint reported so far, so that the retry
+    # deterministically resumes from the previous epoch (a report still in flight when a worker
+    # dies is dropped, and the retry would start from an older checkpoint).
+    ray.train.get_all_reported_checkpoints(timeout_s=120)
+    storage.write_text(marker, f"injected crash at epoch {epoch} on rank {rank}, {time.ctime()}\n")
+    logger.warning("[rank %d] fault injection: exiting abruptly in epoch %d", rank, epoch)
+    os._exit(1)
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+
+    from .models.text import BARE_TEMPLATE, VILD_TEMPLATES, TextEmbedder
+    from .train_clip import RegionTrainer
+
+    logging.getLogger("ovseg_ray").setLevel(logging.INFO)  # progress lines reach Ray's worker log and driver
+    config = TrainClipConfig.model_validate(loop_config["config"])
+    vocabulary: list[str] = loop_config["vocabulary"]
+    directory: str = loop_config["run_dir"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    optim = config.optim
+    torch.manual_seed(optim.seed)
+
+    model = build_training_model(config.model.preset, config.model.init_weights, config.model.clip_weights,
+                                 config.model.prompt_depth, seed=optim.seed)
+    model.clip.to(device)
+    model.region_encoder.to(device)
+    templates = VILD_TEMPLATES if config.text_templates == "vild" else BARE_TEMPLATE
+    text = TextEmbedder(model.clip, model.tokenizer, templates, cache_size=len(vocabulary) + 1)
+    vocabulary_embeddings = text(vocabulary)
+    noun_index = {noun: index for index, noun in enumerate(vocabulary)}
+    steps_per_epoch = max(1, math.ceil((loop_config["rows"] // world) / optim.batch_size))
+    trainer = RegionTrainer(
+        model, config.mode, vocabulary_embeddings, objective=config.objective, lr=optim.lr,
+        weight_decay=optim.weight_decay, warmup_steps=optim.warmup_steps,
+        total_steps=steps_per_epoch * optim.epochs, logit_scale=optim.logit_scale, precision=optim.precision,
+        grad_clip_norm=optim.grad_clip_norm, gather_negatives=optim.gather_negatives,
+        wrap=lambda module: ray.train.torch.prepare_model(module, move_to_device=device),
+    )
+
+    history: list[dict] = []
+    resumed_after: list[int] = []  # the epoch of the checkpoint each restart (retry or re-run) began from
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as checkpoint_dir:
+            progress = load_training_checkpoint(checkpoint_dir, trainer)
+        start_epoch, history = int(progress["epoch"]), list(progress["history"])
+        resumed_after = [*progress.get("resumed_after", []), start_epoch]
+        if rank == 0:
+            logger.info("resuming %s from its checkpoint after epoch %d of %d", config.run.name, start_epoch,
+                        optim.epochs)
+
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(start_epoch + 1, optim.epochs + 1):
+        started = time.perf_counter()
+        totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss * n, correct, n, skipped
+        reasons: list[str] = []
+        steps = 0
+        batches = shard.iter_batches(
+            batch_size=optim.batch_size, batch_format="numpy", prefetch_batches=2,
+            local_shuffle_buffer_size=config.data.shuffle_buffer or None,
+            local_shuffle_seed=(optim.seed + epoch) if config.data.shuffle_buffer else None,
+        )
+        first_batch_s = 0.0
+        for batch in _lockstep(batches, device):
+            if steps == 0:
+                first_batch_s = time.perf_counter() - started  # pipeline start-up of this epoch
+            bad = ~batch["ok"]
+            if bad.any():
+                totals[3] += int(bad.sum())
+                reasons += [f"{uri}: {error}" for uri, error in zip(batch["image_uri"][bad], batch["error"][bad])]
+            regions, masks, noun_ids = batch_tensors(batch, noun_index)
+            result = trainer.step(regions, masks, noun_ids)
+            totals[0] += result.loss * result.count
+            totals[1] += result.correct
+            totals[2] += result.count
+            steps += 1
+            _maybe_crash(config, directory, epoch, rank)
+            if rank == 0 and config.run.log_every_steps and steps % config.run.log_every_steps == 0:
+                logger.info("epoch %d/%d step %d/%d: loss %.4f lr %.3g", epoch, optim.epochs, steps,
+                            steps_per_epoch, result.loss, trainer.lr)
+        for reason in reasons[:5]:
+            logger.warning("[rank %d] skipped pair: %s", rank, reason)
+        if world > 1:
+            dist.all_reduce(totals)
+        seconds = time.perf_counter() - started
+        count = max(1.0, float(totals[2]))
+        metrics = {
+            "epoch": epoch, "loss": float(totals[0]) / count, "accuracy": float(totals[1]) / count,
+            "samples_per_s": float(totals[2]) / seconds, "pairs": int(totals[2]),
+            "skipped_pairs": int(totals[3]), "steps": steps, "lr": trainer.lr, "epoch_s": seconds,
+            "first_batch_s": first_batch_s,
+        }
+        history.append(metrics)
+        if rank == 0:
+            logger.info("epoch %d/%d: loss %.4f accuracy %.3f, %.1f samples/s, %d pairs (%d skipped), lr %.3g, %.1fs",
+                        epoch, optim.epochs, metrics["loss"], metrics["accuracy"], metrics["samples_per_s"],
+                        metrics["pairs"], metrics["skipped_pairs"], metrics["lr"], seconds)
+        with tempfile.TemporaryDirectory() as checkpoint_dir:
+            reported = None
+            if rank == 0:
+                save_training_checkpoint(checkpoint_dir, trainer,
+                                         {"epoch": epoch, "history": history, "resumed_after": resumed_after})
+                reported = ray.train.Checkpoint.from_directory(checkpoint_dir)
+            ray.train.report(metrics, checkpoint=reported, checkpoint_dir_name=f"epoch-{epoch:04d}")
+
+    if rank == 0:
+        _write_final(config, model, directory, history, resumed_after, vocabulary, loop_config["rows"])
+
+
+def _write_final(config: TrainClipConfig, model, directory: str, history: list[dict], resumed_after: list[int],
+                 vocabulary: list[str], rows: int) -> None:
+    final_dir = storage.join(directory, FINAL_DIR)
+    metadata = {"mode": config.mode, "objective": config.objective, "epochs": str(config.optim.epochs),
+                "preset": config.model.preset, "init_weights": config.model.init_weights or "",
+                "pairs": config.data.pairs, "run": directory}
+    outputs = export_model(model, final_dir, metadata)
+    summary = {
+        "run": directory, "mode": config.mode, "objective": config.objective, "epochs": config.optim.epochs,
+        "pairs": rows, "vocabulary_size": len(vocabulary), "clip_arch": model.config.clip_arch,
+        "prompt_depth": model.config.prompt_depth, "history": history, "resumed_after": resumed_after,
+        "outputs": outputs,
+        "config": config.model_dump(mode="json"),
+    }
+    storage.write_text(storage.join(final_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
+    logger.info("wrote %s, %s and %s", outputs["model"], outputs["open_clip_model"], outputs["mask_prompts"])
