@@ -54,6 +54,14 @@ def processing_size(height: int, width: int, min_size: int, max_size: int) -> tu
     return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(3, h, w) float 0-255 resized to ``size`` (bilinear, antialiased, clamped): the model's input resize."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    resized = F.interpolate(image[None], size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    return resized[0].clamp_(0, 255)
+
+
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be (H, W, 3) RGB, got shape {image.shape}")
@@ -79,11 +87,7 @@ class Segmenter:
         """(3, h, w) float 0-255 on the model's device, resized to the preset's processing size."""
         tensor = image_to_tensor(image).to(self.device)
         height, width = tensor.shape[-2:]
-        size = processing_size(height, width, self.config.min_size, self.config.max_size)
-        if size == (height, width):
-            return tensor
-        resized = F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False, antialias=True)
-        return resized[0].clamp_(0, 255)
+        return resize_image(tensor, processing_size(height, width, self.config.min_size, self.config.max_size))
 
     @torch.no_grad()
     def propose(self, image: np.ndarray) -> Proposals:

@@ -41,8 +41,50 @@ def encode_mask(mask: np.ndarray) -> tuple[str, list[int], list[float]]:
     return rle["counts"].decode("ascii"), [int(s) for s in rle["size"]], bbox
 
 
-def decode_mask(counts: str, size) -> np.ndarray:
-    """(H, W) bool mask from COCO RLE counts (text or bytes) and size [h, w]."""
+def rle_total_pixels(counts: str) -> int:
+    """Sum of the runs of a COCO compressed RLE string; raises ValueError if it is malformed.
+
+    pycocotools decodes malformed strings without complaint (into garbage), so pairs are checked.
+    """
+    runs: list[int] = []
+    position = 0
+    data = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    while position < len(data):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(data):
+                raise ValueError("RLE counts end in the middle of a number")
+            code = data[position] - 48
+            if not 0 <= code < 64:
+                raise ValueError(f"RLE counts contain an invalid character {chr(data[position])!r}")
+            value |= (code & 0x1F) << shift
+            more = bool(code & 0x20)
+            position += 1
+            shift += 5
+            if not more and code & 0x10:
+                value |= -1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        if value < 0:
+            raise ValueError("RLE counts contain a negative run")
+        runs.append(value)
+    return sum(runs)
+
+
+def decode_mask(counts: str | bytes, size) -> np.ndarray:
+    """(H, W) bool mask from COCO RLE counts (text or bytes) and size [h, w].
+
+    Malformed input (bad size, empty or corrupt counts, runs that do not cover h x w pixels) raises
+    ValueError: pycocotools would otherwise decode it into garbage without complaint.
+    """
+    if size is None or len(size) != 2 or int(size[0]) <= 0 or int(size[1]) <= 0:
+        raise ValueError(f"invalid RLE size {None if size is None else list(size)}")
+    if not counts:
+        raise ValueError("empty RLE counts")
+    height, width = int(size[0]), int(size[1])
+    total = rle_total_pixels(counts)
+    if total != height * width:
+        raise ValueError(f"RLE covers {total} pixels but its size is {height}x{width}")
     if isinstance(counts, str):
         counts = counts.encode("ascii")
-    return mask_utils.decode({"size": [int(size[0]), int(size[1])], "counts": counts}).astype(bool)
+    return mask_utils.decode({"size": [height, width], "counts": counts}).astype(bool)

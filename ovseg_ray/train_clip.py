@@ -29,6 +29,7 @@ from . import storage
 from .losses import contrastive_loss, vocabulary_correct, vocabulary_loss
 from .models.checkpoint import CheckpointError, check_and_load, read_checkpoint, save_checkpoint, unwrap_state_dict
 from .models.ovseg import OVSegConfig, OVSegModel, build_model, load_preset
+from .weights import load_clip_weights
 
 MODES = ("ft", "mpt", "ft-mpt")
 OBJECTIVES = ("clip", "vocab")
@@ -81,14 +82,6 @@ def load_start_weights(model: OVSegModel, uri: str) -> None:
     elif prompts is not None and target is None:  # depth 0: the model has no prompts at all
         state = {k: v for k, v in state.items() if k != PROMPTS_KEY}
     check_and_load(model, {k: v.to(expected[k].dtype) if k in expected else v for k, v in state.items()}, uri)
-
-
-def load_clip_weights(model: OVSegModel, uri: str) -> None:
-    """Replace the CLIP towers with an open_clip state dict (e.g. an exported ``open_clip_model``)."""
-    state = unwrap_state_dict(read_checkpoint(uri), uri)
-    state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
-    expected = model.clip.state_dict()
-    check_and_load(model.clip, {k: v.to(expected[k].dtype) if k in expected else v for k, v in state.items()}, uri)
 
 
 def build_training_model(preset: str, init_weights: str | None = None, clip_weights: str | None = None,

@@ -10,71 +10,25 @@ import json
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import storage
 from .data.images import load_image
+from .inference import resize_image
 from .models.ovseg import OVSegConfig
 from .models.regions import RegionPreprocessor
 from .models.text import MAX_NAME_CHARS
-from .pairs import decode_mask
+from .pairs import decode_mask, rle_total_pixels  # noqa: F401  (re-exported)
 
 REQUIRED_PAIR_COLUMNS = ("image_uri", "noun", "rle_counts", "rle_size")
 
 
 
-def rle_total_pixels(counts: str) -> int:
-    """Sum of the runs of a COCO compressed RLE string; raises ValueError if it is malformed.
-
-    pycocotools decodes malformed strings without complaint (into garbage), so pairs are checked.
-    """
-    runs: list[int] = []
-    position = 0
-    data = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
-    while position < len(data):
-        value, shift, more = 0, 0, True
-        while more:
-            if position >= len(data):
-                raise ValueError("RLE counts end in the middle of a number")
-            code = data[position] - 48
-            if not 0 <= code < 64:
-                raise ValueError(f"RLE counts contain an invalid character {chr(data[position])!r}")
-            value |= (code & 0x1F) << shift
-            more = bool(code & 0x20)
-            position += 1
-            shift += 5
-            if not more and code & 0x10:
-                value |= -1 << shift
-        if len(runs) > 2:
-            value += runs[-2]
-        if value < 0:
-            raise ValueError("RLE counts contain a negative run")
-        runs.append(value)
-    return sum(runs)
-
-
 def checked_mask(counts, size) -> np.ndarray:
-    """Decode one pair's mask, refusing malformed RLE, sizes that do not match it, and empty masks."""
-    if size is None or len(size) != 2 or int(size[0]) <= 0 or int(size[1]) <= 0:
-        raise ValueError(f"invalid rle_size {None if size is None else list(size)}")
-    if not counts:
-        raise ValueError("empty rle_counts")
-    height, width = int(size[0]), int(size[1])
-    total = rle_total_pixels(counts)
-    if total != height * width:
-        raise ValueError(f"RLE covers {total} pixels but rle_size is {height}x{width}")
-    mask = decode_mask(counts, (height, width))
+    """Decode one pair's mask (``decode_mask`` refuses malformed RLE), refusing empty masks too."""
+    mask = decode_mask(counts, size)
     if not mask.any():
         raise ValueError("the mask is empty")
     return mask
-
-
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(3, h, w) float 0-255 resized like ``Segmenter.resize_for_model`` (bilinear, antialiased)."""
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    resized = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)
-    return resized[0].clamp_(0, 255)
 
 
 def decode_pairs(batch: dict, size: int, interpolation: str = "bicubic") -> dict:

@@ -92,3 +92,14 @@ def test_clip_weights_replace_the_models_clip(tmp_path, tiny_model):
         assert torch.equal(model.clip.state_dict()[key], value), key
     assert torch.equal(model.maskformer.sem_seg_head.predictor.query_embed.weight,
                        tiny_model.maskformer.sem_seg_head.predictor.query_embed.weight)
+
+
+def test_preset_can_be_a_model_config_file(tmp_path):
+    config = build_model("tiny").config.model_copy(update={"prompt_depth": 2, "name": "tiny-depth2"})
+    path = tmp_path / "model_config.json"
+    path.write_text(config.model_dump_json())
+    model = build_model(str(path))
+    assert model.region_encoder.mask_prompts.shape[0] == 2 and model.config.name == "tiny-depth2"
+    path.write_text('{"clip_arch": "ovseg-tiny-vit", "prompt_depth": -1}')
+    with pytest.raises(ValueError, match="prompt_depth"):
+        build_model(str(path))

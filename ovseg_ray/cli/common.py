@@ -12,7 +12,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", help='comma-separated class names, e.g. "sky,grass,red circle"')
     parser.add_argument("--classes-file", help="file (path or s3://) with one class name per line")
     parser.add_argument("--preset", default="tiny",
-                        help="model preset: tiny (random weights), r101c-vitb16, swinb-vitl14 (default tiny)")
+                        help="model preset: tiny (random weights), r101c-vitb16, swinb-vitl14 (default tiny), "
+                             "or a model config .json such as a training run's final/model_config.json")
     parser.add_argument("--weights", default=None,
                         help="whole-model checkpoint, path or s3:// URI: our layout or an OVSeg release .pth")
     parser.add_argument("--clip-weights", default=None,

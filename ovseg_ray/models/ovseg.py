@@ -10,10 +10,10 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from torch import nn
 
-from ..config import StrictModel
+from ..config import StrictModel, format_validation_error
 from ..device import resolve_device
 from .clip import clip_tokenizer, create_clip, freeze_text_tower, known_clip_architectures
 from .maskformer import MaskFormerConfig, OpenVocabMaskFormer
@@ -69,10 +69,24 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str) -> OVSegConfig:
+    """A named preset, or a model config JSON file (path or s3://, e.g. a training run's model_config.json)."""
     path = PRESET_DIR / f"{name}.json"
-    if not path.exists():
-        raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(preset_names())}")
-    return OVSegConfig.model_validate(json.loads(path.read_text()))
+    if path.exists():
+        return OVSegConfig.model_validate(json.loads(path.read_text()))
+    if name.endswith(".json"):
+        from .. import storage
+
+        try:
+            data = json.loads(storage.read_bytes(name))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"model config {name} is not valid JSON: {exc}") from None
+        try:
+            return OVSegConfig.model_validate(data)
+        except ValidationError as exc:
+            raise ValueError(format_validation_error(exc, f"model config {name}")) from None
+    raise ValueError(
+        f"unknown model preset {name!r}; choose one of {', '.join(preset_names())} or give a model config .json"
+    )
 
 
 class OVSegModel(nn.Module):
