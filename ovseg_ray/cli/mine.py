@@ -1,0 +1,42 @@
+"""``ovseg-ray mine``: mine (masked region, noun) training pairs from a COCO captions dataset on Ray Data.
+
+    ovseg-ray mine --config mining.yaml [--proposals.max-actors 8 --captions-per-image 5 ...]
+
+Every config field is also a flag. Re-running the same command after a crash finishes the missing
+shards only. Connects to the Ray cluster of ``ray job submit`` (RAY_ADDRESS) or starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import add_config_arguments, config_from_args
+from ..mining import MiningConfig
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "mine", help="mine (masked region, noun) training pairs on Ray Data", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(parser, MiningConfig)
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..mining import InjectedFailure, mine_pairs
+    from ..nouns import load_nltk_resources
+    from ..raycluster import init_ray
+
+    config = config_from_args(args, MiningConfig)
+    load_nltk_resources()  # a missing nltk resource is reported before Ray starts
+    init_ray(args.address)
+    try:
+        result = mine_pairs(config)
+    except InjectedFailure as exc:
+        print(f"error: {exc}; re-run the same command to finish the remaining shards", file=sys.stderr)
+        return 1
+    print(result.summary_line())
+    return 0
