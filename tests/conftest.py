@@ -104,3 +104,43 @@ def tiny_model():
     from ovseg_ray.models.ovseg import build_model
 
     return build_model("tiny")
+
+
+def mining_test_config(root, output: str, images: str | None = None, captions: str | None = None, **overrides):
+    """Mining config for tests: tiny preset, 4-image shards, both pools plus loading fit 2 CPUs."""
+    from ovseg_ray.mining import MiningConfig
+
+    data = {
+        "images": images or f"{root}/images",
+        "captions": captions or f"{root}/annotations/captions.json",
+        "output": output,
+        "shard_size": 4,
+        "proposals": {"batch_size": 2, "min_actors": 2, "max_actors": 2, "num_cpus": 0.25},
+        "matching": {"batch_size": 3, "min_actors": 1, "max_actors": 1, "num_cpus": 0.5},
+    }
+    for key, value in overrides.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return MiningConfig.model_validate(data)
+
+
+def _actor_classes() -> dict[str, str]:
+    """Every actor Ray's control store knows of (alive or dead): id -> class name."""
+    import ray._private.state
+
+    return {actor_id: info["ActorClassName"] for actor_id, info in ray._private.state.actors().items()}
+
+
+@pytest.fixture(scope="session")
+def mined_pairs(ray_session, synth_dataset, tmp_path_factory):
+    """The synthetic dataset mined once with the tiny preset: (MiningResult, output folder).
+
+    ``result.new_actors`` lists the actors Ray started for the run. Training tests train on these
+    pairs; mining tests check them.
+    """
+    from ovseg_ray.mining import mine_pairs
+
+    out = tmp_path_factory.mktemp("mined")
+    before = _actor_classes()
+    result = mine_pairs(mining_test_config(synth_dataset, str(out)))
+    result.new_actors = sorted(name for actor_id, name in _actor_classes().items() if actor_id not in before)
+    return result, out

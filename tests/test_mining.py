@@ -22,7 +22,6 @@ from ovseg_ray.matching import masks_at_size, match_nouns
 from ovseg_ray.mining import (
     InjectedFailure,
     MatchingStage,
-    MiningConfig,
     OutputLayout,
     ProposalStage,
     mine_pairs,
@@ -31,25 +30,12 @@ from ovseg_ray.mining import (
 )
 from ovseg_ray.nouns import get_extractor
 
+from conftest import mining_test_config
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def make_config(root, output: str, images: str | None = None, captions: str | None = None, **overrides) -> MiningConfig:
-    """Tiny preset, 4-image shards; both pools plus one loading task fit the 2-CPU test cluster."""
-    data = {
-        "images": images or f"{root}/images",
-        "captions": captions or f"{root}/annotations/captions.json",
-        "output": output,
-        "shard_size": 4,
-        "proposals": {"batch_size": 2, "min_actors": 2, "max_actors": 2, "num_cpus": 0.25},
-        "matching": {"batch_size": 3, "min_actors": 1, "max_actors": 1, "num_cpus": 0.5},
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            data[key] = {**data.get(key, {}), **value}
-        else:
-            data[key] = value
-    return MiningConfig.model_validate(data)
+make_config = mining_test_config
 
 
 def read_dir(path) -> pa.Table:
@@ -62,20 +48,9 @@ def sorted_rows(table: pa.Table, drop: tuple[str, ...] = (), key: tuple[str, ...
     return sorted(rows, key=lambda r: tuple(r[k] for k in key))
 
 
-def actor_classes() -> dict[str, str]:
-    """Every actor Ray's control store knows of (alive or dead): id -> class name."""
-    import ray._private.state
-
-    return {actor_id: info["ActorClassName"] for actor_id, info in ray._private.state.actors().items()}
-
-
 @pytest.fixture(scope="module")
-def local_run(ray_session, synth_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("mined")
-    before = actor_classes()
-    result = mine_pairs(make_config(synth_dataset, str(out)))
-    result.new_actors = sorted(name for actor_id, name in actor_classes().items() if actor_id not in before)
-    return result, out
+def local_run(mined_pairs):
+    return mined_pairs
 
 
 @pytest.fixture(scope="module")

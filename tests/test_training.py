@@ -286,12 +286,14 @@ FT_EPOCHS = 5
 
 
 @pytest.fixture(scope="module")
-def ft_run(ray_session, gt_pairs_file, tmp_path_factory):
-    """``ovseg-ray train-clip --config`` in ft mode, 2 CPU workers, rank 1 crashing once in epoch 3."""
+def ft_run(ray_session, mined_pairs, tmp_path_factory):
+    """``ovseg-ray train-clip --config`` on the mined pairs of the synthetic dataset, in ft mode,
+    2 CPU workers, rank 1 crashing once in epoch 3."""
     root = tmp_path_factory.mktemp("train")
+    pairs_dir = mined_pairs[1] / "pairs"
     config = {
         "mode": "ft", "objective": "vocab",
-        "data": {"pairs": gt_pairs_file, "preprocess_cpus": 0.5},
+        "data": {"pairs": str(pairs_dir), "preprocess_cpus": 0.5},
         "optim": {"epochs": FT_EPOCHS, "batch_size": 2, "lr": 1e-3},
         "run": {"storage_path": str(root / "runs"), "name": "ft", "num_workers": 2, "cpus_per_worker": 0.5,
                 "max_failures": 2, "log_every_steps": 0},
@@ -303,19 +305,40 @@ def ft_run(ray_session, gt_pairs_file, tmp_path_factory):
     status, output = _run(argv)
     run_dir = root / "runs" / "ft"
     summary = json.loads((run_dir / "final" / "summary.json").read_text()) if status == 0 else None
-    return {"status": status, "output": output, "argv": argv, "dir": run_dir, "summary": summary}
+    return {"status": status, "output": output, "argv": argv, "dir": run_dir, "summary": summary,
+            "pairs": pq.read_table(str(pairs_dir))}
+
+
+def _accuracy_ceiling(pairs) -> float:
+    """Best top-1 accuracy any model can reach on these pairs: pairs that share one mask (same image
+    and proposal) look identical, so at most the most frequent noun of each such group is right."""
+    groups: dict[tuple, list[str]] = {}
+    for row in pairs.select(["image_id", "proposal_index", "noun"]).to_pylist():
+        groups.setdefault((row["image_id"], row["proposal_index"]), []).append(row["noun"])
+    return sum(max(nouns.count(n) for n in set(nouns)) for nouns in groups.values()) / pairs.num_rows
 
 
 def test_ft_on_two_workers_learns_and_survives_a_worker_crash(ft_run):
+    """Acceptance 1 on pairs mined from the synthetic dataset (tiny preset, 2 CPU workers)."""
     assert ft_run["status"] == 0, ft_run["output"][-3000:]
     summary = ft_run["summary"]
     history = summary["history"]
+    mined = ft_run["pairs"].num_rows
+    per_epoch = mined - mined % 2  # Ray Train splits the rows equally between the 2 workers
     assert [h["epoch"] for h in history] == list(range(1, FT_EPOCHS + 1))
-    assert all(h["pairs"] == 24 and h["skipped_pairs"] == 0 and h["steps"] == 6 for h in history)
-    assert all(h["samples_per_s"] > 0 for h in history)
+    assert all(h["pairs"] == per_epoch and h["skipped_pairs"] == 0 for h in history)
+    assert all(h["steps"] == math.ceil(per_epoch / 2 / 2) and h["samples_per_s"] > 0 for h in history)
     first, last = history[0], history[-1]
-    assert last["loss"] < 0.5 * first["loss"], [h["loss"] for h in history]
-    assert last["accuracy"] >= first["accuracy"] + 0.2, [h["accuracy"] for h in history]
+    assert last["loss"] < 0.6 * first["loss"], [h["loss"] for h in history]
+    # The tiny preset's random MaskFormer gives near-identical proposals, so the nouns of an image
+    # mostly share one mask: accuracy is bounded by that, and training must get close to the bound.
+    ceiling = _accuracy_ceiling(ft_run["pairs"])
+    # Training accuracy is measured while the weights move, so it wobbles: judge the last two epochs.
+    accuracies = [h["accuracy"] for h in history]
+    chance = 1 / len(set(ft_run["pairs"].column("noun").to_pylist()))
+    final = sum(accuracies[-2:]) / 2
+    assert final > first["accuracy"], (accuracies, ceiling)
+    assert final >= 2 * chance and final >= 0.65 * ceiling, (accuracies, chance, ceiling)
     # Rank 1 died in epoch 3 (its marker is in storage); the retry resumed from epoch 2's checkpoint.
     assert (ft_run["dir"] / "fault_injection" / "epoch-3-rank-1").exists()
     assert summary["resumed_after"] == [2]
