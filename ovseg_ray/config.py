@@ -6,16 +6,36 @@ import argparse
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
 
 
 class ConfigError(ValueError):
     """A configuration value is missing or wrong; the message names the field."""
+
+
+PRESET_DIR = Path(__file__).parent / "models" / "presets"
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped model presets (``ovseg_ray/models/presets/*.json``)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def check_model_preset(value: str) -> str:
+    """A preset name, or a model config JSON (path or s3://) such as a training run's model_config.json."""
+    if value in preset_names() or value.endswith(".json"):
+        return value
+    raise ValueError(f"unknown model preset {value!r}; choose one of {', '.join(preset_names())} "
+                     f"or give a model config .json")
+
+
+# A config field naming a model: checked when the config is read, long before a model is built.
+ModelPreset = Annotated[str, AfterValidator(check_model_preset)]
 
 
 class StrictModel(BaseModel):

@@ -53,10 +53,10 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from . import storage
-from .config import ConfigError, StrictModel
+from .config import ConfigError, ModelPreset, StrictModel
 from .data.coco import CocoCaptions, Shard, shard_name
 from .pairs import ERROR_SCHEMA, PAIR_SCHEMA, decode_mask, encode_mask
 
@@ -70,7 +70,7 @@ logger = logging.getLogger(__name__)
 class StageConfig(StrictModel):
     """One model stage: which model, and its Ray Data actor pool."""
 
-    preset: str = Field("tiny", description="model preset (tiny, r101c-vitb16, swinb-vitl14) or a model "
+    preset: ModelPreset = Field("tiny", description="model preset (tiny, r101c-vitb16, swinb-vitl14) or a model "
                                             "config .json (path or s3://)")
     weights: str | None = Field(None, description="checkpoint path or s3:// URI (our layout); "
                                                   "none = the preset's random weights")
@@ -222,20 +222,13 @@ def prepare_images(batch: pa.Table, compounds: bool, extra_blocklist: list[str],
 
 
 def load_model_config(preset: str):
-    """The :class:`OVSegConfig` of a preset name, or of a JSON model config at a path or s3:// URI."""
-    from .config import format_validation_error
-    from .models.ovseg import OVSegConfig, load_preset
+    """The :class:`OVSegConfig` of a preset name or of a model config JSON (path or s3://)."""
+    from .models.ovseg import load_preset
 
-    if not preset.endswith(".json"):
+    try:
         return load_preset(preset)
-    try:
-        data = json.loads(storage.read_bytes(preset))
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"model config {preset} is not valid JSON: {exc}") from None
-    try:
-        return OVSegConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, f"model config {preset}")) from None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _build_segmenter(preset: str, weights: str | None, seed: int, device: str, threads: int):

@@ -17,7 +17,7 @@ from .inference import resize_image
 from .models.ovseg import OVSegConfig
 from .models.regions import RegionPreprocessor
 from .models.text import MAX_NAME_CHARS
-from .pairs import decode_mask, rle_total_pixels  # noqa: F401  (re-exported)
+from .pairs import decode_mask
 
 REQUIRED_PAIR_COLUMNS = ("image_uri", "noun", "rle_counts", "rle_size")
 

@@ -25,8 +25,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from . import storage
-from .config import ConfigError, StrictModel
-from .models.ovseg import preset_names
+from .config import ConfigError, ModelPreset, StrictModel
 from .models.text import MAX_NAME_CHARS
 from .train_clip import (
     MODE_DEFAULTS,
@@ -47,18 +46,12 @@ FAULT_DIR = "fault_injection"
 
 
 class ModelSection(StrictModel):
-    preset: str = Field("tiny", description="model preset (tiny, r101c-vitb16, swinb-vitl14)")
+    preset: ModelPreset = Field("tiny", description="model preset (tiny, r101c-vitb16, swinb-vitl14) or a "
+                                                   "model config .json")
     init_weights: str | None = Field(None, description="starting checkpoint, our layout (path or s3://); "
                                      "for ft-mpt the final model.safetensors of an ft run")
     clip_weights: str | None = Field(None, description="optional open_clip state dict replacing both CLIP towers")
     prompt_depth: int | None = Field(None, ge=0, description="mask prompt depth (default: the preset's)")
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, value: str) -> str:
-        if value not in preset_names():
-            raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(preset_names())}")
-        return value
 
 
 class DataSection(StrictModel):

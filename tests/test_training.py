@@ -33,7 +33,8 @@ from ovseg_ray.models.regions import RegionPreprocessor
 from ovseg_ray.models.text import VILD_TEMPLATES, TextEmbedder
 from ovseg_ray.pairs import PAIR_SCHEMA, encode_mask
 from ovseg_ray.train_clip import PROMPTS_KEY, RegionTrainer, build_training_model, cosine_schedule, select_trainable
-from ovseg_ray.train_pairs import batch_tensors, checked_mask, coco_instance_pairs, decode_pairs, rle_total_pixels
+from ovseg_ray.pairs import rle_total_pixels
+from ovseg_ray.train_pairs import batch_tensors, checked_mask, coco_instance_pairs, decode_pairs
 from ovseg_ray.training import TrainClipConfig, _check_run_record, _resolve_use_gpu, load_pairs, train_clip
 
 REPO = Path(__file__).resolve().parent.parent

@@ -7,13 +7,12 @@ names, both towers), ``region_encoder.mask_prompts`` and ``non_object_embedding`
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from pydantic import Field, ValidationError, field_validator
 from torch import nn
 
-from ..config import StrictModel, format_validation_error
+from ..config import PRESET_DIR, StrictModel, format_validation_error, preset_names
 from ..device import resolve_device
 from .clip import clip_tokenizer, create_clip, freeze_text_tower, known_clip_architectures
 from .maskformer import MaskFormerConfig, OpenVocabMaskFormer
@@ -21,7 +20,6 @@ from .masked_clip import MaskedVisionEncoder
 from .regions import INTERPOLATIONS
 from .text import BARE_TEMPLATE, VILD_TEMPLATES
 
-PRESET_DIR = Path(__file__).parent / "presets"
 _ALIAS_PREFIX = "region_encoder.visual."
 
 
@@ -62,10 +60,6 @@ class OVSegConfig(StrictModel):
 
     def template_list(self) -> tuple[str, ...]:
         return VILD_TEMPLATES if self.templates == "vild" else BARE_TEMPLATE
-
-
-def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
 def load_preset(name: str) -> OVSegConfig:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..config import ConfigError, StrictModel, format_validation_error, load_config
+from ..config import ConfigError, ModelPreset, StrictModel, format_validation_error, load_config
 
 # Mirrors of ovseg_ray.outputs.OUTPUT_KINDS and ovseg_ray.models.text.MAX_NAME_CHARS, kept here so
 # that reading the config does not import torch (the tests check that they stay equal).
@@ -25,20 +25,12 @@ APP_IMPORT_PATH = "ovseg_ray.serving:app_builder"
 
 
 class ModelSettings(StrictModel):
-    preset: str = Field("tiny", description="model preset (tiny, r101c-vitb16, swinb-vitl14)")
+    preset: ModelPreset = Field("tiny", description="model preset (tiny, r101c-vitb16, swinb-vitl14) or a "
+                                                   "model config .json")
     weights: str | None = Field(None, description="checkpoint path or s3:// URI; none = seeded random weights")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N (inside each replica)")
     seed: int = Field(0, description="seed of the random weights when no checkpoint is given")
     text_cache_size: int = Field(8192, gt=0, description="class-name embeddings kept per proposal replica")
-
-    @field_validator("preset")
-    @classmethod
-    def _known_preset(cls, value: str) -> str:
-        from ..models.ovseg import preset_names
-
-        if value not in preset_names():
-            raise ValueError(f"unknown preset {value!r}; choose one of {', '.join(preset_names())}")
-        return value
 
 
 class AutoscalingSettings(StrictModel):

@@ -1,0 +1,1 @@
+"""Model math in plain PyTorch: masked CLIP encoder, region crops, text embeddings, MaskFormer, ensemble."""
