@@ -27,7 +27,8 @@ from torch import nn
 
 from . import storage
 from .losses import contrastive_loss, vocabulary_correct, vocabulary_loss
-from .models.checkpoint import CheckpointError, check_and_load, read_checkpoint, save_checkpoint, unwrap_state_dict
+from .weights.checkpoint import check_and_load, read_checkpoint, save_checkpoint, unwrap_state_dict
+from .weights.errors import CheckpointError
 from .models.ovseg import OVSegConfig, OVSegModel, build_model, load_preset
 from .weights import load_clip_weights
 

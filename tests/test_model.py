@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ovseg_ray.inference import Segmenter, processing_size
-from ovseg_ray.models.checkpoint import CheckpointMismatchError, save_checkpoint
+from ovseg_ray.weights.checkpoint import save_checkpoint
+from ovseg_ray.weights.errors import CheckpointMismatchError
 from ovseg_ray.models.ovseg import build_model, load_weights, preset_names
 
 

@@ -27,7 +27,7 @@ from ovseg_ray import storage
 from ovseg_ray.cli import main as cli
 from ovseg_ray.config import ConfigError, load_config
 from ovseg_ray.data.images import load_image
-from ovseg_ray.models.checkpoint import read_checkpoint, save_checkpoint
+from ovseg_ray.weights.checkpoint import read_checkpoint, save_checkpoint
 from ovseg_ray.models.ovseg import build_model
 from ovseg_ray.models.regions import RegionPreprocessor
 from ovseg_ray.models.text import VILD_TEMPLATES, TextEmbedder

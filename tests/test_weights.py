@@ -22,7 +22,8 @@ from PIL import Image
 from ovseg_ray.cli import main
 from ovseg_ray.data.images import load_image
 from ovseg_ray.inference import Segmenter
-from ovseg_ray.models.checkpoint import CheckpointError, CheckpointMismatchError, save_checkpoint
+from ovseg_ray.weights.checkpoint import save_checkpoint
+from ovseg_ray.weights.errors import CheckpointError, CheckpointMismatchError
 from ovseg_ray.models.clip import create_clip
 from ovseg_ray.models.ovseg import build_model, load_weights
 from ovseg_ray.weights import (RawCheckpoint, load_clip_weights, load_manifest, load_model_weights, map_to_ours,

@@ -137,7 +137,7 @@ def build_model(
     if weights:
         load_weights(model, weights)
     if clip_weights:
-        from ..weights import load_clip_weights
+        from ..weights.loading import load_clip_weights
 
         load_clip_weights(model, clip_weights)
     return model.to(resolve_device(device)).eval()
@@ -149,6 +149,6 @@ def load_weights(model: OVSegModel, uri: str) -> None:
     Mismatches raise an error listing the missing, unexpected and mis-shaped keys (see
     ``ovseg_ray.weights`` for the formats read; CLIP-only files go through ``load_clip_weights``).
     """
-    from ..weights import load_model_weights
+    from ..weights.loading import load_model_weights
 
     load_model_weights(model, uri)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.checkpoint import CheckpointError, save_checkpoint
+from .checkpoint import save_checkpoint
+from .errors import CheckpointError
 from ..models.ovseg import build_model, load_preset, preset_names
 from .keymaps import OURS, RELEASE
 from .loading import fit_state, read_mapped

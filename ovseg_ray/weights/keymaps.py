@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.checkpoint import CheckpointError
+from .errors import CheckpointError
 
 OURS, RELEASE, CLIP = "ovseg-ray", "ovseg-release", "clip"
 PROMPTS_KEY = "region_encoder.mask_prompts"

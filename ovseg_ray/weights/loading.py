@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.checkpoint import CheckpointError, check_state
+from .checkpoint import check_state
+from .errors import CheckpointError
 from .keymaps import PROMPTS_KEY, RELEASE, MappedState, map_to_ours
 from .manifest import match_release_preset
 from .readers import RawCheckpoint, read_tensors

@@ -29,7 +29,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file as load_safetensors_file
 
 from .. import storage
-from ..models.checkpoint import CheckpointError
+from .errors import CheckpointError
 
 # Where the state dict sits inside common checkpoint wrappers, outermost first.
 WRAPPER_KEYS = ("state_dict", "model", "module")

@@ -1,4 +1,4 @@
-"""Reading weights from a local path or ``s3://`` URI and loading them with full key/shape checks."""
+"""Our checkpoints: reading tensors from a path or ``s3://`` URI, strict key/shape checks, safetensors writing."""
 
 from __future__ import annotations
 
@@ -9,28 +9,8 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 
 from .. import storage
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or does not fit the model; the message says which keys."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    def __init__(self, source: str, missing: list[str], unexpected: list[str], mismatched: list[str],
-                 hint: str = ""):
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-
-        def show(title: str, keys: list[str]) -> str:
-            head = ", ".join(keys[:20]) + (f", ... ({len(keys) - 20} more)" if len(keys) > 20 else "")
-            return f"\n  {title} ({len(keys)}): {head}" if keys else ""
-
-        super().__init__(
-            f"checkpoint {source} does not fit the model:"
-            + show("missing keys", missing)
-            + show("unexpected keys", unexpected)
-            + show("shape mismatches", mismatched)
-            + (f"\n  {hint}" if hint else "")
-        )
+from .errors import CheckpointError, CheckpointMismatchError
+from .readers import read_tensors
 
 
 def read_checkpoint(uri: str) -> dict[str, torch.Tensor]:
@@ -39,7 +19,6 @@ def read_checkpoint(uri: str) -> dict[str, torch.Tensor]:
     safetensors, torch files with ``weights_only=True`` (state dict found under ``state_dict`` /
     ``model`` wrappers) and TorchScript archives (tensor records only); see ``ovseg_ray.weights.readers``.
     """
-    from ..weights.readers import read_tensors
 
     return read_tensors(uri).tensors
 
