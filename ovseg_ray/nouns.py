@@ -63,7 +63,9 @@ ING_NOUNS = frozenset("""
     building ceiling painting clothing railing awning icing frosting topping stuffing wedding
     bedding pudding dumpling seedling sapling stocking earring wing ring king string swing sling
     spring thing lightning evening morning ending filling siding landing opening dressing
-    carving drawing sibling duckling gosling herring shilling outing
+    carving drawing sibling duckling gosling herring shilling outing lighting seating flooring
+    tiling roofing shelving fencing netting piping lettering writing crossing clearing molding
+    moulding trimming covering packaging
 """.split())
 
 # Two-word names whose first word the tagger reads as an adjective or verb ("a *hot* dog").
@@ -151,6 +153,11 @@ def singularize(word: str) -> str:
     return word
 
 
+def _participle(word: str) -> bool:
+    """An -ing form that is not a known noun ("laying", "eating"; not "building", "ceiling")."""
+    return word.endswith("ing") and len(word) > 4 and word not in ING_NOUNS
+
+
 class MissingNltkData(LookupError, ValueError):
     """An nltk resource is not installed; the message gives the command that installs it."""
 
@@ -176,6 +183,7 @@ class NounExtractor:
         from nltk.tokenize import TreebankWordTokenizer
 
         self._tokenizer = TreebankWordTokenizer()
+        self._noun_cache: dict[str, bool] = {}
 
     def tokenize(self, caption: str) -> list[list[str]]:
         """Lowercased Treebank tokens, one list per sentence."""
@@ -185,20 +193,36 @@ class NounExtractor:
     def _is_word(self, token: str) -> bool:
         return bool(_WORD.match(token)) and token not in self.stopwords
 
-    @staticmethod
-    def _join_known_compounds(tagged: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Retag the first word of a :data:`KNOWN_COMPOUNDS` name as a noun so the name stays whole."""
+    def _noun_alone(self, word: str) -> bool:
+        """Whether the tagger reads ``word`` as a noun in a neutral context ("the WORD .")."""
+        cached = self._noun_cache.get(word)
+        if cached is None:
+            cached = self._tagger.tag(["the", word, "."])[1][1] in NOUN_TAGS
+            self._noun_cache[word] = cached
+        return cached
+
+    def _retag(self, tagged: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Fix two tagger habits before noun phrases are read.
+
+        - The first word of a :data:`KNOWN_COMPOUNDS` name ("*hot* dog") becomes a noun.
+        - A subject followed by a participle is often tagged as an adjective ("a sheep/JJ
+          laying/NN in a field"): a JJ word that is not adjective-like, reads as a noun on its own
+          and stands before a participle becomes a noun (the participle is then dropped as a head).
+        """
         tagged = list(tagged)
         for i in range(len(tagged) - 1):
-            (first, _), (second, tag) = tagged[i], tagged[i + 1]
+            (first, first_tag), (second, tag) = tagged[i], tagged[i + 1]
             head = singularize(second) if tag in PLURAL_TAGS or second.endswith("s") else second
             if tag in NOUN_TAGS and f"{first} {head}" in KNOWN_COMPOUNDS:
+                tagged[i] = (first, "NN")
+            elif (first_tag == "JJ" and _participle(second) and first not in ADJECTIVE_LIKE
+                  and self._is_word(first) and self._noun_alone(first)):
                 tagged[i] = (first, "NN")
         return tagged
 
     def _phrases(self, tagged: Sequence[tuple[str, str]]) -> list[str]:
         """Noun phrases of one tagged sentence, in order."""
-        tagged = self._join_known_compounds(tagged)
+        tagged = self._retag(tagged)
         runs: list[list[tuple[str, str]]] = []
         current: list[tuple[str, str]] = []
         for token, tag in tagged:
@@ -220,8 +244,8 @@ class NounExtractor:
     def _acceptable_head(self, token: str) -> bool:
         if token in self.blocklist:
             return False
-        if token.endswith("ing") and len(token) > 6 and token not in ING_NOUNS:
-            return False  # a participle tagged NN: "a boat floating", "sheep grazing"
+        if _participle(token):
+            return False  # a participle tagged NN: "a boat floating", "sheep grazing", "dog laying"
         return True
 
     def _compound(self, run: list[tuple[str, str]]) -> str | None:

@@ -16,6 +16,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 # COCO-style captions (written for this test) and the nouns a person would want from them.
 REAL_STYLE_CAPTIONS = [
+    # a subject the tagger reads as an adjective before a participle ("sheep/JJ laying/NN")
+    ("A sheep laying in a field.", ["sheep", "field"]),
+    ("A dog laying in the grass.", ["dog", "grass"]),
+    ("An elephant walking through tall grass.", ["elephant", "grass"]),
+    ("A bear eating a fish.", ["bear", "fish"]),
+    # -ing nouns stay nouns
+    ("A kitchen with a white ceiling and wooden flooring.", ["kitchen", "ceiling", "flooring"]),
     # plurals, numbers, "next to"
     ("Two brown horses grazing in a field next to a barn.", ["horse", "field", "barn"]),
     # "in front of", plural head
