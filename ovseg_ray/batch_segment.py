@@ -185,7 +185,7 @@ class SegmentTask:
             return [error_row(row["image_uri"], row["stem"], str(exc))]
         try:
             result = segmenter.segment(image, self.classes, lam=self.lam, mask_threshold=self.mask_threshold)
-        except (RuntimeError, ValueError) as exc:  # e.g. out of GPU memory on one huge image
+        except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. out of memory on one huge image
             return [error_row(row["image_uri"], row["stem"], f"segmentation failed: {type(exc).__name__}: {exc}")]
         try:
             write_segmentation(self.out, row["stem"], image, result)

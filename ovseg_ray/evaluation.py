@@ -190,7 +190,7 @@ class EvalTask:
                 cells, counts = metrics.confusion_cells(pred, label, len(self.classes))
                 out.append({**base, "setting": index, "cells": cells.tolist(), "counts": counts.tolist(),
                             "stage": "", "reason": ""})
-        except (RuntimeError, ValueError) as exc:  # e.g. out of GPU memory on one huge image
+        except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. out of memory on one huge image
             logger.exception("model failed on %s", row["image_uri"])
             return skipped("model", f"{type(exc).__name__}: {exc}")
         return out

@@ -105,7 +105,8 @@ class MiningConfig(StrictModel):
                                          description="proposal sigmoid threshold (default: the preset's)")
     min_mask_pixels: int = Field(1, ge=1, description="proposals with fewer pixels at the image size are dropped")
     min_score: float | None = Field(None, ge=-1, le=1, description="drop pairs whose cosine similarity is below this")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="larger images are recorded as errors")
+    max_image_pixels: int = Field(25_000_000, ge=1, description="larger images are recorded as errors (checked on "
+                                                                "the header, before decoding)")
     seed: int = Field(0, description="seed of the random weights when a preset has no weights")
     nouns: NounConfig = NounConfig()
     load_num_cpus: float = Field(0.25, gt=0, description="CPUs per image loading / noun extraction task")
@@ -176,7 +177,7 @@ def _image_from_row(row: dict) -> np.ndarray:
 
 def prepare_images(batch: pa.Table, compounds: bool, extra_blocklist: list[str], max_image_pixels: int) -> pa.Table:
     """Ray Data task: nouns of each image's captions, then the decoded image (or the error)."""
-    from .data.images import ImageDecodeError, decode_image
+    from .data.images import ImageDecodeError, ImageTooLargeError, decode_image
     from .nouns import get_extractor
 
     extractor = get_extractor(compounds, extra_blocklist)
@@ -195,22 +196,19 @@ def prepare_images(batch: pa.Table, compounds: bool, extra_blocklist: list[str],
         if error is None:
             try:
                 data = storage.read_bytes(row["image_uri"])
-                image = decode_image(data, source=row["image_uri"])
+                image = decode_image(data, source=row["image_uri"], max_pixels=max_image_pixels)
             except FileNotFoundError as exc:
                 error = ("load", f"{MISSING_IMAGE}: {exc}")
+            except ImageTooLargeError as exc:  # refused from the header, before decoding
+                error = ("load", f"{IMAGE_TOO_LARGE}: {exc} (max_image_pixels)")
             except ImageDecodeError as exc:
                 error = ("load", f"{CORRUPT_IMAGE}: {exc}")
             except OSError as exc:  # permissions, a directory, the store failing after its retries
                 error = ("load", f"{UNREADABLE_IMAGE}: {row['image_uri']}: {type(exc).__name__}: {exc}")
-            else:
-                if image.shape[0] * image.shape[1] > max_image_pixels:
-                    error = ("load", f"{IMAGE_TOO_LARGE}: {image.shape[1]}x{image.shape[0]} pixels "
-                                     f"(limit max_image_pixels={max_image_pixels})")
-                    image = None
         out["shard"].append(row["shard"])
         out["image_id"].append(row["image_id"])
         out["image_uri"].append(row["image_uri"])
-        out["captions"].append(list(row["captions"]))
+        out["captions"].append(captions)  # the non-empty ones: noun_captions index this list
         out["nouns"].append(nouns)
         out["noun_captions"].append(noun_captions)
         out["height"].append(0 if image is None else image.shape[0])

@@ -121,6 +121,28 @@ def test_no_valid_proposal_and_min_score_become_error_rows(synth_dataset, coco, 
     assert "image" not in matched.column_names
 
 
+def test_prepare_images_keeps_captions_aligned_and_refuses_huge_images_from_the_header(synth_dataset, coco, tmp_path):
+    from ovseg_ray.data.coco import CocoCaptions
+
+    images, _ = coco
+    # A blank first caption is skipped when the captions file is read, so the noun's caption is right.
+    data = json.loads((synth_dataset / "annotations" / "captions.json").read_text())
+    data["annotations"].insert(0, {"id": 0, "image_id": 1, "caption": "   "})
+    captions_file = tmp_path / "captions.json"
+    captions_file.write_text(json.dumps(data))
+    first = CocoCaptions(str(synth_dataset / "images"), str(captions_file), captions_per_image=1).images[0]
+    assert first.captions == (coco[1][1][0],)
+    rows = [{"shard": 0, "image_id": 1, "image_uri": str(synth_dataset / "images" / images[1]["file_name"]),
+             "captions": ["", "A dog on a couch."]}]
+    batch = prepare_images(pa.Table.from_pylist(rows), compounds=True, extra_blocklist=[], max_image_pixels=10**8)
+    assert batch.column("captions").to_pylist() == [["A dog on a couch."]]
+    assert batch.column("noun_captions").to_pylist() == [[0, 0]]
+    small = prepare_images(pa.Table.from_pylist(rows), compounds=True, extra_blocklist=[], max_image_pixels=1000)
+    assert small.column("error_stage").to_pylist() == ["load"]
+    assert small.column("error_reason").to_pylist()[0].startswith("image too large: ")
+    assert "limit is 1000" in small.column("error_reason").to_pylist()[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Acceptance 2 + 6: end to end with a local Ray, two actor pools
 

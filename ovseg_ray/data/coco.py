@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,7 +56,8 @@ class CocoCaptions:
             raise ValueError(f"captions_per_image must be at least 1, got {captions_per_image}")
         if max_images is not None and max_images < 1:
             raise ValueError(f"max_images must be at least 1, got {max_images}")
-        self.images_root = str(images)
+        # Local roots become absolute: the URIs are written into the pairs and read elsewhere later.
+        self.images_root = str(images) if storage.is_remote(str(images)) else os.path.abspath(str(images))
         self.captions_uri = str(captions)
         self.coco = load_coco(captions)
         ids = sorted(self.coco.imgs)
@@ -67,7 +69,7 @@ class CocoCaptions:
             if "file_name" not in info:
                 raise ValueError(f"{captions}: image {image_id} has no file_name")
             anns = sorted(self.coco.imgToAnns.get(image_id, []), key=lambda a: a["id"])
-            texts = tuple(str(a.get("caption", "")).strip() for a in anns)
+            texts = tuple(t for t in (str(a.get("caption", "")).strip() for a in anns) if t)
             if captions_per_image is not None:
                 texts = texts[:captions_per_image]
             self.images.append(CaptionedImage(
