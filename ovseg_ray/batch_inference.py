@@ -111,12 +111,18 @@ def inference_stage(items: list[dict], model: ModelConfig, compute: ComputeConfi
     """
     import ray
 
-    from .device import resolve_num_gpus
+    from .device import check_capacity, resolve_num_gpus
 
     num_gpus = resolve_num_gpus(compute.num_gpus)
     ds = items_dataset(items, compute.batch_size)
     max_actors = min(compute.max_actors, ds.num_blocks())
     min_actors = min(compute.min_actors, max_actors)
+    check_capacity(
+        min_actors * compute.num_cpus + compute.fetch_num_cpus, min_actors * num_gpus,
+        f"{min_actors} inference actor(s) x {compute.num_cpus:g} CPU + {num_gpus:g} GPU plus a "
+        f"{compute.fetch_num_cpus:g}-CPU file-reading task",
+        "lower compute.num_cpus (fractions are fine), compute.min_actors or compute.fetch_num_cpus",
+    )
     ds = ds.map_batches(
         fetch_files,
         fn_kwargs={"columns": tuple(fetch)},

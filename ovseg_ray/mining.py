@@ -474,28 +474,23 @@ def plan_pools(config: MiningConfig) -> tuple[PoolPlan, PoolPlan]:
     The minimum actors of both pools plus one loading task must fit the cluster at once, or Ray
     Data would wait forever for resources that never free up.
     """
-    import ray
-
-    from .device import resolve_num_gpus
+    from .device import check_capacity, resolve_num_gpus
 
     pools = tuple(
         PoolPlan(name, stage.min_actors, stage.max_actors, stage.num_cpus, resolve_num_gpus(stage.num_gpus),
                  stage.batch_size)
         for name, stage in (("ProposalStage", config.proposals), ("MatchingStage", config.matching))
     )
-    resources = ray.cluster_resources()
-    cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
     need_cpus = sum(p.min_actors * p.num_cpus for p in pools) + config.load_num_cpus
     need_gpus = sum(p.min_actors * p.num_gpus for p in pools)
-    if need_cpus > cpus + 1e-9:
-        raise ConfigError(
-            f"the actor pools need {need_cpus:g} CPUs to start (proposals {pools[0].min_actors} x "
-            f"{pools[0].num_cpus:g}, matching {pools[1].min_actors} x {pools[1].num_cpus:g}, plus "
-            f"{config.load_num_cpus:g} for a loading task) but the Ray cluster has {cpus:g}; lower "
-            f"proposals.num_cpus / matching.num_cpus (fractions are fine) or min_actors")
-    if need_gpus > gpus + 1e-9:
-        raise ConfigError(f"the actor pools need {need_gpus:g} GPUs to start but the Ray cluster has {gpus:g}; "
-                          f"lower proposals.num_gpus / matching.num_gpus or min_actors")
+    what = (f"the actor pools (proposals {pools[0].min_actors} x {pools[0].num_cpus:g} CPU + "
+            f"{pools[0].num_gpus:g} GPU, matching {pools[1].min_actors} x {pools[1].num_cpus:g} CPU + "
+            f"{pools[1].num_gpus:g} GPU, plus {config.load_num_cpus:g} CPU for a loading task)")
+    try:
+        check_capacity(need_cpus, need_gpus, what, "lower proposals/matching num_cpus (fractions are fine), "
+                       "num_gpus or min_actors")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return pools
 
 

@@ -166,6 +166,11 @@ def finished_summary(config: TrainClipConfig) -> dict | None:
 
 
 def _check_start_weights(config: TrainClipConfig) -> None:
+    """Starting weights exist (checked on the driver: a worker would fail and be retried in vain)."""
+    for field in ("init_weights", "clip_weights"):
+        given = getattr(config.model, field)
+        if given and not storage.exists(given):
+            raise FileNotFoundError(f"model.{field} not found: {given}")
     if config.mode != "ft-mpt":
         return
     uri = config.model.init_weights
@@ -193,18 +198,19 @@ def _resolve_use_gpu(config: TrainClipConfig) -> bool:
     return use_gpu
 
 
-def _check_cpu_budget(config: TrainClipConfig) -> None:
-    """Training workers plus one decoding task must fit the cluster, or the run would wait forever."""
-    import ray
+def _check_cpu_budget(config: TrainClipConfig, use_gpu: bool) -> None:
+    """Training workers plus one decoding task must fit a fixed cluster, or the run would wait forever."""
+    from .device import check_capacity
 
-    total = float(ray.cluster_resources().get("CPU", 0.0))
     workers = config.run.num_workers * config.run.cpus_per_worker
-    if workers + config.data.preprocess_cpus > total:
-        raise ConfigError(
-            f"{config.run.num_workers} workers x run.cpus_per_worker {config.run.cpus_per_worker:g} + "
-            f"data.preprocess_cpus {config.data.preprocess_cpus:g} need {workers + config.data.preprocess_cpus:g} "
-            f"CPUs but the Ray cluster has {total:g}: Ray Data could never decode a batch. Lower "
-            f"run.cpus_per_worker or data.preprocess_cpus, or use fewer workers")
+    what = (f"{config.run.num_workers} workers x run.cpus_per_worker {config.run.cpus_per_worker:g}"
+            f"{' (1 GPU each)' if use_gpu else ''} + data.preprocess_cpus {config.data.preprocess_cpus:g}")
+    try:
+        check_capacity(workers + config.data.preprocess_cpus, config.run.num_workers if use_gpu else 0, what,
+                       "Ray Data could never decode a batch; lower run.cpus_per_worker or data.preprocess_cpus, "
+                       "or use fewer workers")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _filesystem(uri: str):
@@ -217,6 +223,30 @@ def _filesystem(uri: str):
     return PyFileSystem(FSSpecHandler(fs)), path
 
 
+def pair_files(uri: str) -> list[str]:
+    """The Parquet to train on. For a mining output (its root or its ``pairs/`` folder) these are the
+    pair files of the committed shards only: never its errors table nor a crashed shard's leftovers."""
+    from .data.coco import shard_name
+    from .mining import OutputLayout
+
+    root = uri.rstrip("/")
+    parent = root.rsplit("/", 1)[0] if storage.is_remote(root) else os.path.dirname(os.path.abspath(root))
+    if storage.exists(storage.join(root, "manifest.json")):
+        mining_root = root
+    elif root.rsplit("/", 1)[-1] == "pairs" and storage.exists(storage.join(parent, "manifest.json")):
+        mining_root = parent
+    else:
+        return [uri]
+    layout = OutputLayout(mining_root)
+    done = sorted(layout.completed_shards())
+    if not done:
+        raise ValueError(f"the mining output {mining_root} has no finished shard yet")
+    summary_uri = layout.path("summary.json")
+    if not (storage.exists(summary_uri) and json.loads(storage.read_bytes(summary_uri)).get("complete")):
+        logger.warning("training on the %d finished shards of the unfinished mining run %s", len(done), mining_root)
+    return [layout.path("pairs", f"{shard_name(index)}.parquet") for index in done]
+
+
 def load_pairs(config: TrainClipConfig):
     """The pairs as a Ray Dataset of decoded regions, their row count and the sorted vocabulary."""
     import ray.data
@@ -224,8 +254,9 @@ def load_pairs(config: TrainClipConfig):
     uri = config.data.pairs
     if not storage.exists(uri):
         raise FileNotFoundError(f"pairs not found: {uri}")
-    filesystem, path = _filesystem(uri)
-    ds = ray.data.read_parquet(path, filesystem=filesystem)
+    files = pair_files(uri)
+    filesystem = _filesystem(files[0])[0]
+    ds = ray.data.read_parquet([_filesystem(f)[1] for f in files], filesystem=filesystem)
     missing = [c for c in REQUIRED_PAIR_COLUMNS if c not in ds.schema().names]
     if missing:
         raise ValueError(f"the pairs table {uri} lacks the column(s) {', '.join(missing)} "
@@ -241,7 +272,9 @@ def load_pairs(config: TrainClipConfig):
     if not vocabulary:
         raise ValueError(f"the pairs table {uri} has no non-empty nouns")
     model = model_config(config.model.preset, config.model.prompt_depth)
-    ds = ds.map_batches(
+    # Mined pairs come sorted by image: visit their blocks in a new order every epoch (unseeded, so
+    # each execution of the dataset reshuffles), on top of each worker's local shuffle buffer.
+    ds = ds.randomize_block_order().map_batches(
         decode_pairs,
         fn_kwargs={"size": region_size(model), "interpolation": model.region_interpolation},
         batch_size=config.data.preprocess_batch_rows,
@@ -272,7 +305,7 @@ def train_clip(config: TrainClipConfig) -> dict:
         raise ConfigError(f"fault_injection.crash_rank {fault.crash_rank} does not exist with "
                           f"{config.run.num_workers} workers")
     use_gpu = _resolve_use_gpu(config)
-    _check_cpu_budget(config)
+    _check_cpu_budget(config, use_gpu)
     ds, rows, vocabulary = load_pairs(config)
     _check_run_record(config, directory)
     default_lr, default_wd = MODE_DEFAULTS[config.mode]

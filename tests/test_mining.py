@@ -240,7 +240,7 @@ def test_two_actor_pools_visible_in_ray_data_stats(local_run):
 def test_pools_that_cannot_start_are_refused(ray_session, synth_dataset, tmp_path):
     config = make_config(synth_dataset, str(tmp_path), proposals={"num_cpus": 1.0, "min_actors": 1},
                          matching={"num_cpus": 1.0}, load_num_cpus=0.5)
-    with pytest.raises(ConfigError, match="need 2.5 CPUs to start"):
+    with pytest.raises(ConfigError, match=r"need 2.5 CPUs \(the cluster has 2\) to start"):
         plan_pools(config)
     with pytest.raises(ValueError, match="no GPUs"):
         plan_pools(make_config(synth_dataset, str(tmp_path), proposals={"num_gpus": 1}))

@@ -3,7 +3,8 @@
 Two trainer runs cover the acceptance items: ``ft`` with an injected worker crash (loss falls,
 accuracy rises, text tower untouched, export loads into open_clip, a re-run does not start over),
 then ``ft-mpt`` from its final model with pairs, images and checkpoints on S3 (CLIP untouched).
-Pairs come from the synthetic dataset's ground truth (instance masks + category names).
+The ``ft`` run trains on pairs mined from the synthetic dataset (the ``mined_pairs`` fixture); the
+plain-PyTorch tests and the ``ft-mpt`` chain use its ground truth (instance masks + category names).
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
 
 def test_inputs_and_cpu_budget_are_checked_before_training(ray_session, gt_pairs, tmp_path):
     # 2 workers x 1 CPU on the 2-CPU test cluster would leave nothing for decoding: a hang, refused.
-    with pytest.raises(ConfigError, match="need 2.5 CPUs but the Ray cluster has 2"):
+    with pytest.raises(ConfigError, match=r"need 2.5 CPUs \(the cluster has 2\) to start"):
         train_clip(_config("p.parquet", **{"run.num_workers": 2, "data.preprocess_cpus": 0.5,
                                            "run.storage_path": str(tmp_path / "runs")}))
     path = str(tmp_path / "bad.parquet")
@@ -452,3 +453,24 @@ def test_ft_mpt_chain_from_the_ft_model_with_everything_on_s3(ft_run, synth_data
     status, output = _run([*argv[:2], "--model.init-weights", f"{run}/final/model.safetensors", *argv[4:],
                            "--run.name", "again"], runner=_load_job().main)
     assert status == 2 and "ft-mpt starts from the final model of an ft run" in output
+
+
+def test_pair_files_of_a_mining_output_are_its_committed_shards(mined_pairs, tmp_path, caplog):
+    import shutil
+
+    from ovseg_ray.training import pair_files
+
+    root = tmp_path / "mined"
+    shutil.copytree(mined_pairs[1], root)
+    committed = sorted(str(p) for p in (root / "pairs").glob("*.parquet"))
+    shutil.copy(committed[0], root / "pairs" / "shard-00099.parquet")  # a crashed shard's leftover
+    assert pair_files(str(root)) == committed == pair_files(str(root / "pairs"))
+    assert pair_files(committed[0]) == [committed[0]]  # a plain Parquet file is read as it is
+    (root / "summary.json").unlink()
+    with caplog.at_level("WARNING", logger="ovseg_ray.training"):
+        assert pair_files(str(root)) == committed
+    assert "unfinished mining run" in caplog.text
+    for marker in (root / "shards").glob("*.json"):
+        marker.unlink()
+    with pytest.raises(ValueError, match="has no finished shard yet"):
+        pair_files(str(root))

@@ -1,0 +1,37 @@
+"""Resource requests: never hang a fixed cluster, let a growing (autoscaling) cluster add nodes."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from ovseg_ray.device import check_capacity, cluster_can_grow, resolve_device, resolve_num_gpus
+
+
+def test_fixed_local_cluster_refuses_what_it_cannot_hold(ray_session):
+    assert not cluster_can_grow()  # the test session's Ray was started by this process
+    assert resolve_num_gpus("auto") == 0.0 and resolve_num_gpus(0) == 0.0
+    with pytest.raises(ValueError, match="num_gpus=1.0 requested but the Ray cluster has no GPUs"):
+        resolve_num_gpus(1)
+    with pytest.raises(ValueError, match=r"pools need 3 CPUs \(the cluster has 2\) to start: lower it"):
+        check_capacity(3, 0, "pools", "lower it")
+    check_capacity(2, 0, "pools", "lower it")  # fits exactly
+
+
+def test_joined_cluster_may_grow_so_requests_only_warn(ray_session, monkeypatch, caplog):
+    import ray
+
+    monkeypatch.setattr(ray._private.worker._global_node, "head", False)  # as after ray.init(address=...)
+    assert cluster_can_grow()
+    with caplog.at_level(logging.WARNING, logger="ovseg_ray.device"):
+        assert resolve_num_gpus(0.5) == 0.5
+        check_capacity(16, 4, "pools", "lower it")
+    assert "waiting for its autoscaler to add GPU nodes" in caplog.text
+    assert "pools need 16 CPUs (the cluster has 2) and 4 GPUs (the cluster has 0) to start" in caplog.text
+
+
+def test_device_names():
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(ValueError, match="unknown device 'tpu9'"):
+        resolve_device("tpu9")
