@@ -31,6 +31,7 @@ from . import storage
 from .batch_inference import ComputeConfig, ModelConfig, inference_stage, items_dataset
 from .config import StrictModel
 from .data.images import ImageDecodeError, decode_image
+from .device import is_device_failure
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 OUTPUT_SUFFIXES = (".labels.png", ".overlay.png", ".json")
@@ -185,7 +186,9 @@ class SegmentTask:
             return [error_row(row["image_uri"], row["stem"], str(exc))]
         try:
             result = segmenter.segment(image, self.classes, lam=self.lam, mask_threshold=self.mask_threshold)
-        except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. out of memory on one huge image
+        except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. an image the model cannot take
+            if is_device_failure(exc):
+                raise  # the GPU's fault, not the image's: fail the run; a re-run picks it up
             return [error_row(row["image_uri"], row["stem"], f"segmentation failed: {type(exc).__name__}: {exc}")]
         try:
             write_segmentation(self.out, row["stem"], image, result)

@@ -25,6 +25,7 @@ from .config import StrictModel
 from .data.benchmarks import class_list
 from .data.images import ImageDecodeError, decode_image
 from .data.readers import BENCHMARKS, PAPER_LAMBDA, BenchmarkLayout, BenchmarkReader, decode_label
+from .device import is_device_failure
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +191,9 @@ class EvalTask:
                 cells, counts = metrics.confusion_cells(pred, label, len(self.classes))
                 out.append({**base, "setting": index, "cells": cells.tolist(), "counts": counts.tolist(),
                             "stage": "", "reason": ""})
-        except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. out of memory on one huge image
+        except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. an image the model cannot take
+            if is_device_failure(exc):
+                raise  # the GPU's fault, not the image's: fail the run; a re-run picks it up
             logger.exception("model failed on %s", row["image_uri"])
             return skipped("model", f"{type(exc).__name__}: {exc}")
         return out

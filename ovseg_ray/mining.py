@@ -57,6 +57,7 @@ from pydantic import Field, model_validator
 
 from . import storage
 from .config import ConfigError, ModelPreset, StrictModel
+from .device import is_device_failure
 from .data.coco import CocoCaptions, Shard, shard_name
 from .pairs import ERROR_SCHEMA, PAIR_SCHEMA, decode_mask, encode_mask
 
@@ -258,6 +259,8 @@ class ProposalStage:
                 try:
                     proposals = self.stage(_image_from_row(row))
                 except Exception as exc:  # one bad image must not stop the run; it is recorded
+                    if is_device_failure(exc):
+                        raise  # the GPU's fault, not the image's: fail, a re-run resumes the shard
                     logger.exception("proposals failed for image %s", row["image_id"])
                     error_stage[i], error_reason[i] = "proposals", f"{PROPOSAL_FAILED}: {type(exc).__name__}: {exc}"
                 else:
@@ -304,6 +307,8 @@ class MatchingStage:
                     masks = torch.from_numpy(np.stack([decode_mask(c, size) for c in row["proposal_rle"]]))
                     matches = self.matcher(_image_from_row(row), masks, list(row["nouns"]))
                 except Exception as exc:  # recorded, the run goes on
+                    if is_device_failure(exc):
+                        raise  # the GPU's fault, not the image's: fail, a re-run resumes the shard
                     logger.exception("matching failed for image %s", row["image_id"])
                     stage, reason = "matching", f"{MATCHING_FAILED}: {type(exc).__name__}: {exc}"
                 else:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import logging
 
 import pytest
+import torch
+from PIL import Image
 
-from ovseg_ray.device import check_capacity, cluster_can_grow, resolve_device, resolve_num_gpus
+from ovseg_ray.batch_segment import SegmentTask
+from ovseg_ray.device import check_capacity, cluster_can_grow, is_device_failure, resolve_device, resolve_num_gpus
 
 
 def test_fixed_local_cluster_refuses_what_it_cannot_hold(ray_session):
@@ -35,3 +39,26 @@ def test_device_names():
     assert resolve_device("cpu").type == "cpu"
     with pytest.raises(ValueError, match="unknown device 'tpu9'"):
         resolve_device("tpu9")
+
+
+def test_device_failures_fail_the_task_while_bad_images_are_recorded(tmp_path):
+    assert is_device_failure(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_device_failure(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_device_failure(RuntimeError("shape '[3, 4]' is invalid for input of size 7"))
+    assert not is_device_failure(ValueError("CUDA"))
+
+    class FailingSegmenter:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def segment(self, *args, **kwargs):
+            raise self.exc
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    row = {"image_uri": "a.png", "stem": "a", "image_uri_error": "", "image_uri_bytes": buf.getvalue()}
+    task = SegmentTask(out=str(tmp_path), classes=["cat", "dog"], lam=None, mask_threshold=None)
+    [recorded] = task.process(FailingSegmenter(RuntimeError("size mismatch")), row)
+    assert recorded["status"] == "error" and "size mismatch" in recorded["reason"]
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        task.process(FailingSegmenter(torch.cuda.OutOfMemoryError("CUDA out of memory")), row)
