@@ -171,6 +171,9 @@ def test_image_uri_from_s3_and_allowed_local_dir(service, images, library, s3_bu
         assert response.status_code == 403 and "allowed prefix" in response.json()["detail"], forbidden
     response = service.http.post("/v1/segment", json={"image_uri": f"{s3_bucket}/missing.jpg", "classes": CLASSES})
     assert response.status_code == 400 and "missing.jpg" in response.json()["detail"]
+    for unreadable in (s3_bucket, f"{s3_bucket}/photos", "s3://Bad_Bucket!/x.jpg"):  # bucket, "folder", bad name
+        response = service.http.post("/v1/segment", json={"image_uri": unreadable, "classes": CLASSES})
+        assert response.status_code == 400 and unreadable in response.json()["detail"], unreadable
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,8 +404,12 @@ def test_corrupted_images_are_400_or_decode_never_another_error(images):
 
 
 def test_uri_prefixes(tmp_path):
-    allowed = ["s3://images/", str(tmp_path)]
+    allowed = ["s3://images/", "s3://media/public", str(tmp_path)]
     assert uri_allowed("s3://images/a.jpg", allowed) and not uri_allowed("s3://other/a.jpg", allowed)
+    assert uri_allowed("s3://media/public/a.jpg", allowed)
+    assert not uri_allowed("s3://media/public-private/a.jpg", allowed)
+    assert not uri_allowed("s3://images-private/a.jpg", ["s3://images"])
+    assert uri_allowed("s3://x/a.jpg", ["s3://"])  # every bucket, when that is really meant
     assert uri_allowed(str(tmp_path / "a.jpg"), allowed)
     assert not uri_allowed(str(tmp_path / ".." / "a.jpg"), allowed)
     assert not uri_allowed(str(tmp_path) + "-sibling/a.jpg", allowed)

@@ -247,9 +247,10 @@ def parse_segment_request(body: bytes, content_type: str, limits: Limits, defaul
 
 
 def uri_allowed(uri: str, prefixes: list[str]) -> bool:
-    """Remote URIs match a prefix as text; local paths must resolve inside an allowed directory."""
+    """Remote URIs must lie under a remote prefix (matched on ``/`` boundaries, so ``s3://img`` does
+    not admit ``s3://img-private/``); local paths must resolve inside an allowed directory."""
     if storage.is_remote(uri):
-        return any(storage.is_remote(p) and uri.startswith(p) for p in prefixes)
+        return any(storage.is_remote(p) and (uri.startswith(p if p.endswith("/") else p + "/")) for p in prefixes)
     path = os.path.realpath(uri.removeprefix("file://"))
     for prefix in prefixes:
         if storage.is_remote(prefix):
@@ -277,6 +278,11 @@ def fetch_image_bytes(uri: str, limits: Limits) -> bytes:
         raise RequestError(400, f"cannot read image_uri {uri}: permission denied ({exc})") from None
     except OSError as exc:
         raise RequestError(400, f"cannot read image_uri {uri}: {exc}") from None
+    except RequestError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. s3fs refusing a malformed bucket name: still the URI's fault
+        logger.warning("reading %s failed: %r", uri, exc)
+        raise RequestError(400, f"cannot read image_uri {uri}: {type(exc).__name__}: {exc}") from None
 
 
 def image_dimensions(data: bytes) -> tuple[int, int] | None:

@@ -104,8 +104,8 @@ class Limits(StrictModel):
     max_classes: int = Field(1000, gt=0, le=65535, description="most class names per request")
     max_name_chars: int = Field(MAX_NAME_CHARS, gt=0, le=MAX_NAME_CHARS, description="longest class name")
     image_uri_prefixes: list[str] = Field(
-        default_factory=lambda: ["s3://"],
-        description="where image_uri may point (s3://bucket/..., /local/dir/); empty list = no URIs",
+        default_factory=list,
+        description="where image_uri may point (s3://bucket/prefix, /local/dir); empty (default) = no URIs",
     )
 
 
