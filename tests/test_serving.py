@@ -25,7 +25,7 @@ from pycocotools import mask as mask_utils
 
 from ovseg_ray import storage
 from ovseg_ray.config import ConfigError
-from ovseg_ray.data.images import decode_label_png, encode_png, load_image
+from ovseg_ray.data.images import ImageDecodeError, decode_image, decode_label_png, encode_png, load_image
 from ovseg_ray.serving.api import (
     RequestError,
     SegmentResponse,
@@ -386,11 +386,20 @@ def test_multipart_parser_keeps_binary_content_exactly():
     assert error.value.status == 400
 
 
+def _encoded(array: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
 def test_corrupted_images_are_400_or_decode_never_another_error(images):
+    """Fuzzed JPEG/PNG/BMP/TIFF (BMP and TIFF headers made Pillow raise MemoryError / OverflowError)."""
     rng = np.random.default_rng(0)
-    sources = [images[0].data, encode_png(images[0].array), encode_png(images[0].array[..., 0])]
+    small = images[0].array[:48, :64]
+    sources = [images[0].data, encode_png(images[0].array), encode_png(images[0].array[..., 0]),
+               _encoded(small, "BMP"), _encoded(small, "TIFF")]
     for data in sources:
-        for _ in range(40):
+        for _ in range(60):
             corrupt = bytearray(data)
             cut = int(rng.integers(8, len(corrupt)))
             for position in rng.integers(0, len(corrupt), size=int(rng.integers(1, 20))):
@@ -401,6 +410,10 @@ def test_corrupted_images_are_400_or_decode_never_another_error(images):
                 assert exc.status in (400, 413) and exc.message
             else:
                 assert decoded.dtype == np.uint8 and decoded.ndim == 3
+            try:  # the library decoder used by mining, evaluation and segment-batch: one named error
+                decode_image(bytes(corrupt), "fuzzed")
+            except ImageDecodeError as exc:
+                assert "fuzzed" in str(exc)
 
 
 def test_uri_prefixes(tmp_path):
