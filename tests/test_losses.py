@@ -108,3 +108,74 @@ def test_losses_have_gradients_for_the_regions_only_path():
     nouns = torch.tensor([0, 1, 1, 2])
     (contrastive_loss(regions, texts[nouns], nouns) + vocabulary_loss(regions, texts, nouns)).backward()
     assert regions.grad is not None and torch.isfinite(regions.grad).all() and regions.grad.abs().sum() > 0
+
+
+# --- gathered negatives under DDP: same gradient as one process holding the whole batch ---------
+
+_LOCAL_ROWS = (3, 5)  # ragged: the gather pads and trims
+
+
+def _ddp_problem():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4, bias=False)
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(sum(_LOCAL_ROWS), 6, generator=generator)
+    noun_ids = torch.tensor([0, 1, 2, 1, 3, 4, 0, 5])  # duplicates across the two ranks
+    vocabulary = F.normalize(torch.randn(6, 4, generator=generator), dim=-1)
+    return model, inputs, noun_ids, vocabulary
+
+
+def _trainer_loss(embeddings, noun_ids, vocabulary, gather_negatives):
+    """:meth:`RegionTrainer._loss` itself (the part that gathers and rescales), on a stand-in trainer."""
+    from types import SimpleNamespace
+
+    from ovseg_ray.train_clip import RegionTrainer
+
+    trainer = SimpleNamespace(objective="clip", gather_negatives=gather_negatives, vocabulary=vocabulary,
+                              logit_scale=100.0)
+    return RegionTrainer._loss(trainer, embeddings, noun_ids)
+
+
+def _ddp_worker(rank: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model, inputs, noun_ids, vocabulary = _ddp_problem()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        start = sum(_LOCAL_ROWS[:rank])
+        rows = slice(start, start + _LOCAL_ROWS[rank])
+        embeddings = F.normalize(ddp(inputs[rows]), dim=-1)
+        backward_loss, reported = _trainer_loss(embeddings, noun_ids[rows], vocabulary, True)
+        backward_loss.backward()
+        results.put((rank, float(reported.detach()), model.weight.grad.tolist()))  # plain lists: no shared memory
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gathered_negatives_under_ddp_give_the_single_process_gradient():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    model, inputs, noun_ids, vocabulary = _ddp_problem()
+    backward_loss, reported = _trainer_loss(F.normalize(model(inputs), dim=-1), noun_ids, vocabulary, False)
+    backward_loss.backward()
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.SimpleQueue()
+    workers = [context.Process(target=_ddp_worker, args=(rank, port, results)) for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    outcome = [results.get() for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    for rank, loss, grad in outcome:
+        assert loss == pytest.approx(float(reported.detach()), rel=1e-5), rank
+        torch.testing.assert_close(torch.tensor(grad), model.weight.grad, rtol=1e-4, atol=1e-6)
+    # Without the world-size factor DDP's averaging would halve the gradient: the check can fail.
+    assert model.weight.grad.abs().max() > 1e-3
