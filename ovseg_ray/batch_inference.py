@@ -20,15 +20,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from . import storage
-from .config import ModelPreset, StrictModel
-
-
-class ModelConfig(StrictModel):
-    preset: ModelPreset = Field("tiny", description="model preset (tiny, r101c-vitb16, swinb-vitl14) or a "
-                                                   "model config .json")
-    weights: str | None = Field(None, description="checkpoint path or s3:// URI (our layout)")
-    device: str = Field("auto", description="auto (the actor's GPU if Ray gave it one, else CPU), cpu or cuda")
-    seed: int = Field(0, description="seed of the random initialisation (presets without weights)")
+from .config import ModelConfig, StrictModel
 
 
 class ComputeConfig(StrictModel):

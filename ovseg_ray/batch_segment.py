@@ -29,8 +29,8 @@ import yaml
 from pydantic import Field, model_validator
 
 from . import storage
-from .batch_inference import ComputeConfig, ModelConfig, inference_stage, items_dataset
-from .config import StrictModel
+from .batch_inference import ComputeConfig, inference_stage, items_dataset
+from .config import ModelConfig, StrictModel
 from .data.images import ImageDecodeError, decode_image
 from .device import is_device_failure
 

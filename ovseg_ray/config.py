@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -42,6 +42,18 @@ class StrictModel(BaseModel):
     """Base for every config: unknown fields are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(StrictModel):
+    """Which model an inference engine (batch inference, evaluation, serving) builds."""
+
+    preset: ModelPreset = Field("tiny", description="model preset (tiny, r101c-vitb16, swinb-vitl14) or a "
+                                                   "model config .json")
+    weights: str | None = Field(None, description="checkpoint path or s3:// URI (our layout); none = seeded "
+                                                  "random weights")
+    device: str = Field("auto", description="auto (the GPU Ray gave the actor/replica, else CPU), cpu, cuda "
+                                            "or cuda:N")
+    seed: int = Field(0, description="seed of the random initialisation (presets without weights)")
 
 
 def format_validation_error(error: ValidationError, source: str = "config") -> str:

@@ -20,8 +20,8 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from . import metrics
-from .batch_inference import ComputeConfig, ModelConfig, inference_stage
-from .config import StrictModel
+from .batch_inference import ComputeConfig, inference_stage
+from .config import ModelConfig, StrictModel
 from .data.benchmarks import class_list
 from .data.images import ImageDecodeError, decode_image
 from .data.readers import BENCHMARKS, PAPER_LAMBDA, BenchmarkLayout, BenchmarkReader, decode_label

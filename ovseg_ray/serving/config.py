@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from ..config import ConfigError, ModelPreset, StrictModel, format_validation_error, load_config
+from ..config import ConfigError, ModelConfig, StrictModel, format_validation_error, load_config
 
 # Mirrors of ovseg_ray.outputs.OUTPUT_KINDS and ovseg_ray.models.text.MAX_NAME_CHARS, kept here so
 # that reading the config does not import torch (the tests check that they stay equal).
@@ -24,12 +24,9 @@ MAX_NAME_CHARS = 200
 APP_IMPORT_PATH = "ovseg_ray.serving:app_builder"
 
 
-class ModelSettings(StrictModel):
-    preset: ModelPreset = Field("tiny", description="model preset (tiny, r101c-vitb16, swinb-vitl14) or a "
-                                                   "model config .json")
-    weights: str | None = Field(None, description="checkpoint path or s3:// URI; none = seeded random weights")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (inside each replica)")
-    seed: int = Field(0, description="seed of the random weights when no checkpoint is given")
+class ModelSettings(ModelConfig):
+    """The model both stages build, plus the proposal replicas' text-embedding cache."""
+
     text_cache_size: int = Field(8192, gt=0, description="class-name embeddings kept per proposal replica")
 
 
