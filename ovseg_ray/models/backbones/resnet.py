@@ -8,6 +8,7 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..layers import Conv2dNorm
+from .staged import StagedBackbone
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
@@ -54,14 +55,13 @@ class Bottleneck(nn.Module):
         return F.relu_(self.conv3(self.conv2(self.conv1(x))) + identity)
 
 
-class DeepLabResNet(nn.Module):
+class DeepLabResNet(StagedBackbone):
     def __init__(self, depth: int = 101, stem_channels: int = 128, res5_multi_grid: tuple[int, ...] = (1, 2, 4)):
         super().__init__()
         if depth not in STAGE_BLOCKS:
             raise ValueError(f"ResNet depth must be one of {sorted(STAGE_BLOCKS)}, got {depth}")
         self.stem = DeepLabStem(stem_channels)
         in_ch = stem_channels
-        self.stage_names = ("res2", "res3", "res4", "res5")
         self.out_channels = {}
         for index, (name, blocks) in enumerate(zip(self.stage_names, STAGE_BLOCKS[depth])):
             mid_ch, out_ch = 64 * 2**index, 256 * 2**index
@@ -75,12 +75,3 @@ class DeepLabResNet(nn.Module):
                 in_ch = out_ch
             self.add_module(name, nn.Sequential(*stage))
             self.out_channels[name] = out_ch
-        self.out_strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.stem(x)
-        features = {}
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-            features[name] = x
-        return features

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..layers import Conv2dNorm, group_norm
+from .staged import StagedBackbone
 
 
-class TinyBackbone(nn.Module):
+class TinyBackbone(StagedBackbone):
     def __init__(self, channels: tuple[int, int, int, int] = (16, 32, 48, 64)):
         super().__init__()
         self.stem = Conv2dNorm(3, channels[0], 3, stride=4, padding=1, bias=False,
                                norm=group_norm(channels[0], 8), activation=nn.ReLU())
-        self.stage_names = ("res2", "res3", "res4", "res5")
         in_ch = channels[0]
         for index, (name, out_ch) in enumerate(zip(self.stage_names, channels)):
             stride = 1 if index == 0 else 2
@@ -28,12 +27,3 @@ class TinyBackbone(nn.Module):
             )
             in_ch = out_ch
         self.out_channels = dict(zip(self.stage_names, channels))
-        self.out_strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = self.stem(x)
-        features = {}
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-            features[name] = x
-        return features
