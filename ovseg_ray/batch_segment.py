@@ -7,10 +7,8 @@ For every image under the input it writes what ``ovseg-ray segment`` writes (``S
     OUT/errors.parquet     one row per image that could not be read or segmented, with the reason
     OUT/run.yaml           the settings of the run (a re-run with other settings is refused)
 
-A re-run skips images whose three output files exist (``STEM.json`` is written last) and whose JSON
-records the same settings (classes, model, lambda, threshold), and rebuilds the index from those JSON
-files, so an interrupted run resumes where it stopped. Outputs of other settings (left by an
-interrupted ``--overwrite`` run) are segmented again.
+A re-run skips images whose three output files exist (``STEM.json`` is written last) and rebuilds the
+index from their JSON, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ import posixpath
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
+from itertools import chain
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -49,7 +48,7 @@ RESULT_SCHEMA = pa.schema([
     ("json_uri", pa.string()),
     ("label_png_uri", pa.string()),
     ("overlay_png_uri", pa.string()),
-    ("status", pa.string()),  # segmented | existing | error (| stale: to segment again, never written)
+    ("status", pa.string()),  # segmented | existing | error
     ("reason", pa.string()),
 ])
 INDEX_COLUMNS = [name for name in RESULT_SCHEMA.names if name not in ("status", "reason")] + ["status"]
@@ -174,7 +173,6 @@ class SegmentTask:
     classes: list[str]
     lam: float | None
     mask_threshold: float | None
-    settings: dict
     output_schema = RESULT_SCHEMA
 
     def process(self, segmenter, row: dict) -> list[dict]:
@@ -193,24 +191,20 @@ class SegmentTask:
                 raise  # the GPU's fault, not the image's: fail the run; a re-run picks it up
             return [error_row(row["image_uri"], row["stem"], f"segmentation failed: {type(exc).__name__}: {exc}")]
         try:
-            write_segmentation(self.out, row["stem"], image, result, settings=self.settings)
+            write_segmentation(self.out, row["stem"], image, result)
         except OSError as exc:  # e.g. a full disk or a refused S3 write: record it, go on
             return [error_row(row["image_uri"], row["stem"], f"cannot write outputs: {exc}")]
         summary = result_summary(result)
         return [result_row(row["image_uri"], row["stem"], self.out, summary, "segmented")]
 
 
-def existing_rows(batch: pa.Table, out: str, settings: dict) -> pa.Table:
-    """Index rows of images finished by an earlier run, read back from their ``STEM.json``.
-
-    An output written with other ``settings`` comes back as ``stale`` (to be segmented again).
-    """
+def existing_rows(batch: pa.Table, out: str) -> pa.Table:
+    """Index rows of images finished by an earlier run, read back from their ``STEM.json``."""
     rows = []
     for row in batch.to_pylist():
         try:
             summary = json.loads(storage.read_bytes(output_paths(out, row["stem"])["json_uri"]))
-            status = "existing" if summary.get("settings") == settings else "stale"
-            rows.append(result_row(row["image_uri"], row["stem"], out, summary, status))
+            rows.append(result_row(row["image_uri"], row["stem"], out, summary, "existing"))
         except (OSError, ValueError, KeyError) as exc:
             rows.append(error_row(row["image_uri"], row["stem"],
                                   f"existing output unreadable (delete it to segment again): {exc}"))
@@ -218,10 +212,8 @@ def existing_rows(batch: pa.Table, out: str, settings: dict) -> pa.Table:
 
 
 def _run_record(config: SegmentBatchConfig, classes: list[str]) -> dict:
-    """The settings that decide an output; JSON-normalised so it compares equal to what STEM.json holds."""
-    record = {"classes": classes, "model": config.model.model_dump(mode="json", exclude={"device"}),
-              "ensemble_lambda": config.ensemble_lambda, "mask_threshold": config.mask_threshold}
-    return json.loads(json.dumps(record))
+    return {"classes": classes, "model": config.model.model_dump(exclude={"device"}),
+            "ensemble_lambda": config.ensemble_lambda, "mask_threshold": config.mask_threshold}
 
 
 def check_run_record(config: SegmentBatchConfig, classes: list[str]) -> None:
@@ -279,43 +271,30 @@ def run_segment_batch(config: SegmentBatchConfig) -> dict:
           f"{len(existing)} already done; {len(classes)} classes")
 
     init_ray()
-    settings = _run_record(config, classes)
+    batches = [pa.Table.from_pylist(
+        [error_row(c["image_uri"], c["stem"], c["reason"]) for c in clashes], schema=RESULT_SCHEMA)]
+    if existing:
+        ds = items_dataset(existing, 64).map_batches(
+            existing_rows, fn_kwargs={"out": config.out}, batch_format="pyarrow",
+            num_cpus=config.compute.fetch_num_cpus)
+        batches = chain(batches, ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    if todo:
+        task = SegmentTask(config.out, classes, config.ensemble_lambda, config.mask_threshold)
+        ds = inference_stage(todo, config.model, config.compute, task, fetch=("image_uri",))
+        batches = chain(batches, ds.iter_batches(batch_format="pyarrow", batch_size=None))
+
     index = ParquetSink(storage.join(config.out, "index.parquet"), INDEX_SCHEMA)
     errors = ParquetSink(storage.join(config.out, "errors.parquet"), ERROR_SCHEMA)
     statuses: Counter[str] = Counter()
-
-    def consume(batches) -> list[dict]:
-        """Write result batches to the index / errors files; returns the stale rows (to segment again)."""
-        stale = []
+    try:
         for batch in batches:
             batch = batch.cast(RESULT_SCHEMA)
-            status = batch.column("status")
-            stale += batch.filter(pc.equal(status, "stale")).select(["image_uri", "stem"]).to_pylist()
-            failed = pc.equal(status, "error")
-            index.write(batch.filter(pc.is_in(status, pa.array(["segmented", "existing"])))
-                        .select(INDEX_COLUMNS))
+            failed = pc.equal(batch.column("status"), "error")
+            index.write(batch.filter(pc.invert(failed)).select(INDEX_COLUMNS))
             errors.write(batch.filter(failed).select(ERROR_SCHEMA.names))
-            statuses.update(s for s in status.to_pylist() if s != "stale")
+            statuses.update(batch.column("status").to_pylist())
             for item in batch.filter(failed).to_pylist():
                 print(f"error: {item['image_uri']}: {item['reason']}")
-        return stale
-
-    try:
-        consume([pa.Table.from_pylist(
-            [error_row(c["image_uri"], c["stem"], c["reason"]) for c in clashes], schema=RESULT_SCHEMA)])
-        if existing:
-            ds = items_dataset(existing, 64).map_batches(
-                existing_rows, fn_kwargs={"out": config.out, "settings": settings}, batch_format="pyarrow",
-                num_cpus=config.compute.fetch_num_cpus)
-            stale = consume(ds.iter_batches(batch_format="pyarrow", batch_size=None))
-            if stale:
-                print(f"segment-batch: {len(stale)} earlier outputs have other settings "
-                      f"(an interrupted --overwrite run?): segmenting them again")
-                todo += stale
-        if todo:
-            task = SegmentTask(config.out, classes, config.ensemble_lambda, config.mask_threshold, settings)
-            ds = inference_stage(todo, config.model, config.compute, task, fetch=("image_uri",))
-            consume(ds.iter_batches(batch_format="pyarrow", batch_size=None))
     finally:
         index.close()
         errors.close()

@@ -84,13 +84,8 @@ def result_summary(result: SegmentationResult, with_rle: bool = True, with_timin
     return summary
 
 
-def write_segmentation(
-    out_dir: str, stem: str, image: np.ndarray, result: SegmentationResult, settings: dict | None = None
-) -> dict[str, str]:
-    """Write ``STEM.labels.png``, ``STEM.overlay.png`` and ``STEM.json`` under ``out_dir`` (path or s3://).
-
-    ``settings`` (model, lambda, ...) is stored in the JSON so a later run can tell whose output it is.
-    """
+def write_segmentation(out_dir: str, stem: str, image: np.ndarray, result: SegmentationResult) -> dict[str, str]:
+    """Write ``STEM.labels.png``, ``STEM.overlay.png`` and ``STEM.json`` under ``out_dir`` (path or s3://)."""
     paths = {
         "label_png": storage.join(out_dir, f"{stem}.labels.png"),
         "overlay_png": storage.join(out_dir, f"{stem}.overlay.png"),
@@ -98,8 +93,5 @@ def write_segmentation(
     }
     storage.write_bytes(paths["label_png"], label_png(result.labels, len(result.classes)))
     storage.write_bytes(paths["overlay_png"], overlay_png(image, result.labels, result.classes))
-    summary = result_summary(result)
-    if settings is not None:
-        summary["settings"] = settings
-    storage.write_text(paths["json"], json.dumps(summary, indent=1))
+    storage.write_text(paths["json"], json.dumps(result_summary(result), indent=1))
     return paths

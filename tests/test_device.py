@@ -57,7 +57,7 @@ def test_device_failures_fail_the_task_while_bad_images_are_recorded(tmp_path):
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="PNG")
     row = {"image_uri": "a.png", "stem": "a", "image_uri_error": "", "image_uri_bytes": buf.getvalue()}
-    task = SegmentTask(out=str(tmp_path), classes=["cat", "dog"], lam=None, mask_threshold=None, settings={})
+    task = SegmentTask(out=str(tmp_path), classes=["cat", "dog"], lam=None, mask_threshold=None)
     [recorded] = task.process(FailingSegmenter(RuntimeError("size mismatch")), row)
     assert recorded["status"] == "error" and "size mismatch" in recorded["reason"]
     with pytest.raises(torch.cuda.OutOfMemoryError):

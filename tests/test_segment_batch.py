@@ -3,7 +3,6 @@ re-runs skip finished images; from and to a folder and s3:// (moto server)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -53,17 +52,6 @@ def _expected_names() -> dict[str, str]:
     return {os.path.splitext(name)[0] + kind: Path(name).stem + kind for name in GOOD for kind in KINDS}
 
 
-def _assert_same_output(written: bytes, expected: bytes, name: str, classes: list[str] = CLASS_LIST) -> None:
-    """Batch outputs equal ``segment``'s, except that the JSON also records the run's settings."""
-    if not name.endswith(".json"):
-        assert written == expected, name
-        return
-    summary = json.loads(written)
-    settings = summary.pop("settings")
-    assert settings["classes"] == classes and settings["model"]["preset"] == "tiny", name
-    assert summary == json.loads(expected), name
-
-
 def _check_index(index: list[dict], out: str, input_root: str, read) -> None:
     assert sorted(row["image_uri"] for row in index) == sorted(f"{input_root}/{name}" for name in GOOD)
     for row in index:
@@ -92,7 +80,7 @@ def test_folder_matches_segment_lists_corrupt_and_resumes(ray_session, input_fol
     assert f"error: {input_folder}/broken.jpg: cannot decode" in printed
 
     for relative, segment_name in _expected_names().items():
-        _assert_same_output((out / relative).read_bytes(), reference[segment_name], relative)
+        assert (out / relative).read_bytes() == reference[segment_name], relative
     index = pq.read_table(out / "index.parquet").to_pylist()
     assert {row["status"] for row in index} == {"segmented"}
     _check_index(index, str(out), str(input_folder), lambda uri: Path(uri).read_bytes())
@@ -116,27 +104,11 @@ def test_folder_matches_segment_lists_corrupt_and_resumes(ray_session, input_fol
     (out / "sub/000000000004.json").unlink()
     assert main(argv) == 0
     assert "1 segmented, 3 already done, 1 failed" in capsys.readouterr().out
-    _assert_same_output((out / "sub/000000000004.json").read_bytes(), reference["000000000004.json"], "4.json")
+    assert (out / "sub/000000000004.json").read_bytes() == reference["000000000004.json"]
 
     # Another vocabulary into the same folder is refused instead of mixing outputs.
-    other = [*argv[:4], "sky,grass", *argv[5:]]
-    assert main(other) == 2
+    assert main([*argv[:4], "sky,grass", *argv[5:]]) == 2
     assert "other settings (classes differ)" in capsys.readouterr().err
-
-    # --overwrite interrupted before one image: a plain re-run with the new vocabulary segments that
-    # image again instead of indexing its output of the old vocabulary.
-    old = {kind: (out / f"000000000002{kind}").read_bytes() for kind in KINDS}
-    assert main([*other, "--overwrite", "true"]) == 0
-    assert "4 segmented, 0 already done, 1 failed" in capsys.readouterr().out
-    for kind, data in old.items():
-        (out / f"000000000002{kind}").write_bytes(data)
-    assert main(other) == 0
-    printed = capsys.readouterr().out
-    assert "1 earlier outputs have other settings" in printed
-    assert "1 segmented, 3 already done, 1 failed" in printed
-    summary = json.loads((out / "000000000002.json").read_text())
-    assert summary["classes"] == summary["settings"]["classes"] == ["sky", "grass"]
-    assert len(pq.read_table(out / "index.parquet")) == 4
 
 
 @pytest.mark.slow
@@ -152,7 +124,7 @@ def test_s3_to_s3(ray_session, s3_bucket, s3_endpoint, input_folder, reference, 
 
     fs.invalidate_cache()
     for relative, segment_name in _expected_names().items():
-        _assert_same_output(fs.cat(f"{bucket}/segmented/{relative}"), reference[segment_name], relative)
+        assert fs.cat(f"{bucket}/segmented/{relative}") == reference[segment_name], relative
     with fs.open(f"{bucket}/segmented/index.parquet", "rb") as handle:
         index = pq.read_table(handle).to_pylist()
     _check_index(index, out, f"{s3_bucket}/photos", lambda uri: fs.cat(uri[len("s3://"):]))
