@@ -8,7 +8,9 @@ For every image under the input it writes what ``ovseg-ray segment`` writes (``S
     OUT/run.yaml           the settings of the run (a re-run with other settings is refused)
 
 A re-run skips images whose three output files exist (``STEM.json`` is written last) and rebuilds the
-index from their JSON, so an interrupted run resumes where it stopped.
+index from their JSON, so an interrupted run resumes where it stopped. ``--overwrite`` with other
+settings first withdraws every ``STEM.json`` of the old settings, so that even if it is interrupted,
+no output of the old settings is ever taken for finished by a later run.
 """
 
 from __future__ import annotations
@@ -227,6 +229,10 @@ def check_run_record(config: SegmentBatchConfig, classes: list[str]) -> None:
         changed = [key for key in record if previous.get(key) != record[key]]
         raise ValueError(f"{config.out} holds outputs of a run with other settings ({', '.join(changed)} "
                          f"differ): use another --out or --overwrite true")
+    if previous is not None:  # overwriting other settings: their outputs no longer count as finished
+        stale = [output_paths(config.out, stem)["json_uri"] for stem in sorted(finished_stems(config.out))]
+        storage.remove_files(stale)
+        print(f"segment-batch: --overwrite with other settings: {len(stale)} earlier outputs withdrawn")
     storage.write_text(uri, yaml.safe_dump(record, sort_keys=False))
 
 

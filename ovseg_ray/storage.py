@@ -72,6 +72,14 @@ def makedirs(uri: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
+def remove_files(uris: list[str]) -> None:
+    """Delete files (paths or URIs of one filesystem); S3 deletes them in batches."""
+    if not uris:
+        return
+    fs, _ = filesystem(uris[0])
+    fs.rm([filesystem(uri)[1] for uri in uris])
+
+
 def list_files(prefix: str, suffixes: Iterable[str] | None = None) -> list[str]:
     """Every file under ``prefix`` (recursively), as full URIs, sorted; optionally by suffix."""
     fs, path = filesystem(prefix)

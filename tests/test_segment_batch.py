@@ -3,6 +3,7 @@ re-runs skip finished images; from and to a folder and s3:// (moto server)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from ovseg_ray.batch_segment import SegmentBatchConfig, check_run_record, resolve_classes
 from ovseg_ray.cli import main
 from ovseg_ray.data.images import decode_label_png
 from ovseg_ray.pairs import decode_mask
@@ -107,8 +109,22 @@ def test_folder_matches_segment_lists_corrupt_and_resumes(ray_session, input_fol
     assert (out / "sub/000000000004.json").read_bytes() == reference["000000000004.json"]
 
     # Another vocabulary into the same folder is refused instead of mixing outputs.
-    assert main([*argv[:4], "sky,grass", *argv[5:]]) == 2
+    other = [*argv[:4], "sky,grass", *argv[5:]]
+    assert main(other) == 2
     assert "other settings (classes differ)" in capsys.readouterr().err
+
+    # --overwrite with it, interrupted right after its start: the old outputs no longer count as
+    # finished, so a plain re-run segments every image with the new vocabulary.
+    config = SegmentBatchConfig(input=str(input_folder), out=str(out), classes=["sky", "grass"], overwrite=True)
+    check_run_record(config, resolve_classes(config))  # what --overwrite does before segmenting
+    assert "4 earlier outputs withdrawn" in capsys.readouterr().out
+    assert not list(out.rglob("*.json")) and (out / "000000000002.labels.png").exists()
+    assert main(other) == 0
+    assert "4 segmented, 0 already done, 1 failed" in capsys.readouterr().out
+    assert json.loads((out / "000000000002.json").read_text())["classes"] == ["sky", "grass"]
+    assert main([*other, "--overwrite", "true"]) == 0  # same settings: nothing withdrawn, all redone
+    printed = capsys.readouterr().out
+    assert "withdrawn" not in printed and "4 segmented, 0 already done" in printed
 
 
 @pytest.mark.slow
