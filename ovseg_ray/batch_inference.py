@@ -14,29 +14,20 @@ the model loading, batching and resource handling exist once.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from . import storage
-from .config import ModelConfig, StrictModel
+from .config import ActorPoolConfig, ModelConfig
 
 
-class ComputeConfig(StrictModel):
-    min_actors: int = Field(1, ge=1, description="smallest size of the inference actor pool")
-    max_actors: int = Field(1, ge=1, description="largest size of the inference actor pool")
-    batch_size: int = Field(4, ge=1, description="images handed to an actor per call")
-    num_gpus: float | Literal["auto"] = Field(
-        "auto", description="GPUs per actor: a number (fractions share a GPU) or auto (1 if the cluster has GPUs)")
+class ComputeConfig(ActorPoolConfig):
+    """The inference actor pool, plus the tasks that read files ahead of it."""
+
     num_cpus: float = Field(1.0, gt=0, description="CPUs per inference actor (fractions allowed)")
     fetch_num_cpus: float = Field(0.25, gt=0, description="CPUs per task that reads files ahead of the actors")
-
-    @model_validator(mode="after")
-    def _pool_bounds(self) -> ComputeConfig:
-        if self.max_actors < self.min_actors:
-            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
-        return self
 
 
 class ImageTask(Protocol):

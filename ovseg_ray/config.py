@@ -6,10 +6,10 @@ import argparse
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -54,6 +54,25 @@ class ModelConfig(StrictModel):
     device: str = Field("auto", description="auto (the GPU Ray gave the actor/replica, else CPU), cpu, cuda "
                                             "or cuda:N")
     seed: int = Field(0, description="seed of the random initialisation (presets without weights)")
+
+
+class ActorPoolConfig(StrictModel):
+    """A Ray Data actor pool: its size range (autoscaled in between), batch and GPUs per actor.
+
+    Subclasses add ``num_cpus`` with the bounds that suit their work.
+    """
+
+    min_actors: int = Field(1, ge=1, description="smallest actor pool size")
+    max_actors: int = Field(1, ge=1, description="largest actor pool size (Ray Data autoscales in between)")
+    batch_size: int = Field(4, ge=1, description="images handed to an actor per call")
+    num_gpus: float | Literal["auto"] = Field(
+        "auto", description="GPUs per actor: a number (fractions share a GPU) or auto (1 if the cluster has GPUs)")
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> ActorPoolConfig:
+        if self.max_actors < self.min_actors:
+            raise ValueError(f"max_actors ({self.max_actors}) must be >= min_actors ({self.min_actors})")
+        return self
 
 
 def format_validation_error(error: ValidationError, source: str = "config") -> str:

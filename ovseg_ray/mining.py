@@ -53,10 +53,10 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from . import storage
-from .config import ConfigError, ModelPreset, StrictModel
+from .config import ActorPoolConfig, ConfigError, ModelPreset, StrictModel
 from .device import is_device_failure
 from .data.coco import CocoCaptions, Shard, shard_name
 from .pairs import ERROR_SCHEMA, PAIR_SCHEMA, decode_mask, encode_mask
@@ -68,26 +68,15 @@ logger = logging.getLogger(__name__)
 # Configuration
 
 
-class StageConfig(StrictModel):
+class StageConfig(ActorPoolConfig):
     """One model stage: which model, and its Ray Data actor pool."""
 
     preset: ModelPreset = Field("tiny", description="model preset (tiny, r101c-vitb16, swinb-vitl14) or a model "
                                             "config .json (path or s3://)")
     weights: str | None = Field(None, description="checkpoint path or s3:// URI (our layout); "
                                                   "none = the preset's random weights")
-    batch_size: int = Field(4, ge=1, description="images per batch handed to one actor")
-    min_actors: int = Field(1, ge=1, description="smallest actor pool size")
-    max_actors: int = Field(1, ge=1, description="largest actor pool size (Ray Data autoscales in between)")
-    num_gpus: float | Literal["auto"] = Field("auto", description="GPUs per actor; auto = 1 if the cluster "
-                                                                  "has GPUs, else 0")
     num_cpus: float = Field(0.5, ge=0, description="CPUs per actor (fractions allowed); torch threads = "
                                                    "max(1, int(num_cpus))")
-
-    @model_validator(mode="after")
-    def _sizes(self) -> StageConfig:
-        if self.max_actors < self.min_actors:
-            raise ValueError(f"max_actors ({self.max_actors}) is smaller than min_actors ({self.min_actors})")
-        return self
 
 
 class NounConfig(StrictModel):
