@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import logging
 import os
@@ -17,12 +16,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from pydantic import Field, ValidationError
 
 from .. import storage
 from ..config import StrictModel, format_validation_error
-from ..data.images import ImageDecodeError, decode_image
+from ..data.images import ImageDecodeError, ImageTooLargeError, decode_image
 from ..inference import SegmentationResult
 from ..models.text import clean_class_names
 from ..outputs import class_rles, label_png, overlay_png, result_summary
@@ -285,32 +283,14 @@ def fetch_image_bytes(uri: str, limits: Limits) -> bytes:
         raise RequestError(400, f"cannot read image_uri {uri}: {type(exc).__name__}: {exc}") from None
 
 
-def image_dimensions(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from the image header alone, or None if the header is unreadable."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return img.size
-    except Exception:  # noqa: BLE001 - unreadable headers are reported by decode_image below
-        return None
-
-
 def decode_checked(data: bytes, source: str, max_pixels: int) -> np.ndarray:
-    """Decode an image after checking its header dimensions against ``max_pixels`` (413)."""
-    size = image_dimensions(data)
-    if size is not None and size[0] * size[1] > max_pixels:
-        raise RequestError(
-            413, f"{source} is {size[0]}x{size[1]} = {size[0] * size[1]} pixels; the limit is {max_pixels} pixels"
-        )
+    """Decode an image: 413 when its header announces more than ``max_pixels``, 400 when unreadable."""
     try:
-        image = decode_image(data, source)
+        return decode_image(data, source, max_pixels=max_pixels)
+    except ImageTooLargeError as exc:
+        raise RequestError(413, str(exc)) from None
     except ImageDecodeError as exc:
         raise RequestError(400, str(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - a decoder choking on hostile bytes is still bad input
-        logger.warning("decoder failed on %s: %r", source, exc)
-        raise RequestError(400, f"cannot decode {source}: {type(exc).__name__}: {exc}") from None
-    if image.shape[0] * image.shape[1] > max_pixels:  # headers that understate the size
-        raise RequestError(413, f"{source} has {image.shape[0] * image.shape[1]} pixels; the limit is {max_pixels}")
-    return image
 
 
 def load_request_image(request: SegmentInput, limits: Limits) -> np.ndarray:
