@@ -340,12 +340,6 @@ class OutputLayout:
     def path(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
 
-    def pairs_dir(self) -> str:
-        return self.path("pairs")
-
-    def errors_dir(self) -> str:
-        return self.path("errors")
-
     def completed_shards(self) -> set[int]:
         fs, path = storage.filesystem(self.path("shards"))
         fs.invalidate_cache()

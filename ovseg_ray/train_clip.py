@@ -27,7 +27,7 @@ from torch import nn
 
 from . import storage
 from .losses import contrastive_loss, vocabulary_correct, vocabulary_loss
-from .weights.checkpoint import check_and_load, read_checkpoint, save_checkpoint, unwrap_state_dict
+from .weights.checkpoint import check_and_load, read_checkpoint, save_checkpoint
 from .weights.errors import CheckpointError
 from .models.ovseg import OVSegConfig, OVSegModel, build_model, load_preset
 from .weights import load_clip_weights
@@ -67,7 +67,7 @@ def load_start_weights(model: OVSegModel, uri: str) -> None:
     A checkpoint with deeper prompts gives its first ``depth`` prompt sets; one with fewer gives those
     it has and the rest stay freshly initialised.
     """
-    state = unwrap_state_dict(read_checkpoint(uri), uri)
+    state = read_checkpoint(uri)
     expected = model.state_dict()
     prompts = state.get(PROMPTS_KEY)
     target = expected.get(PROMPTS_KEY)
@@ -382,7 +382,7 @@ def save_training_checkpoint(directory: str, trainer: RegionTrainer, progress: d
 def load_training_checkpoint(directory: str, trainer: RegionTrainer) -> dict:
     """Restore what :func:`save_training_checkpoint` wrote; returns the progress record."""
     weights = os.path.join(directory, CKPT_WEIGHTS)
-    load_trainable_state(trainer.model, trainer.names, unwrap_state_dict(read_checkpoint(weights), weights), weights)
+    load_trainable_state(trainer.model, trainer.names, read_checkpoint(weights), weights)
     trainer.load_state_dict(torch.load(os.path.join(directory, CKPT_STATE), map_location=trainer.device,
                                        weights_only=True))
     with open(os.path.join(directory, CKPT_PROGRESS)) as handle:

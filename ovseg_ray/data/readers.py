@@ -188,8 +188,5 @@ class BenchmarkReader:
         found.sort(key=lambda sample: sample.stem)
         return found[: self.limit] if self.limit else found
 
-    def decode_label(self, data: bytes, source: str = "label map") -> np.ndarray:
-        return decode_label(data, self.layout, source)
-
     def read_label(self, uri: str) -> np.ndarray:
         return decode_label(storage.read_bytes(uri), self.layout, source=uri)

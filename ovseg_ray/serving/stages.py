@@ -79,10 +79,6 @@ class RegionRequest:
         bits = np.unpackbits(self.packed_masks, count=count).reshape(self.num_masks, height, width)
         return torch.from_numpy(bits.astype(bool))
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.image.nbytes + self.packed_masks.nbytes)
-
 
 @dataclass
 class RegionResult:

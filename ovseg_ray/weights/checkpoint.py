@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save as save_safetensors_bytes
 
 from .. import storage
-from .errors import CheckpointError, CheckpointMismatchError
+from .errors import CheckpointMismatchError
 from .readers import read_tensors
 
 
@@ -21,18 +21,6 @@ def read_checkpoint(uri: str) -> dict[str, torch.Tensor]:
     """
 
     return read_tensors(uri).tensors
-
-
-def unwrap_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
-    """Find the tensor mapping inside common wrappers ({'state_dict': ...}, {'model': ...})."""
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model"):
-            if key in obj and isinstance(obj[key], Mapping):
-                return unwrap_state_dict(obj[key], source)
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors:
-            return tensors
-    raise CheckpointError(f"no tensors found in checkpoint {source}")
 
 
 def check_state(

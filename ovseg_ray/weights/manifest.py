@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import torch
-
 MANIFEST_DIR = Path(__file__).parent / "manifests"
 MANIFEST_FILES = {"r101c-vitb16": "ovseg_r101c_vitb16.json", "swinb-vitl14": "ovseg_swinb_vitl14.json"}
 
@@ -20,9 +18,6 @@ class Manifest:
     keys: dict[str, tuple[int, ...]]  # release key -> shape
     dtypes: dict[str, str]  # non-float entries, e.g. Swin's relative_position_index: int64
     not_loaded: dict[str, str]  # release key -> why it has no place in the model
-
-    def dtype(self, key: str) -> torch.dtype:
-        return getattr(torch, self.dtypes.get(key, "float32"))
 
     def differences(self, shapes: dict[str, tuple[int, ...]]) -> tuple[list[str], list[str], list[str]]:
         """(missing, unexpected, mis-shaped) release keys of a checkpoint with these shapes."""

@@ -5,18 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-STAGE_NAMES = ("res2", "res3", "res4", "res5")
-STAGE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+STAGE_NAMES = ("res2", "res3", "res4", "res5")  # strides 4, 8, 16, 32
 
 
 class StagedBackbone(nn.Module):
     """Subclasses set ``self.stem`` and one submodule per name in ``STAGE_NAMES``."""
 
     stage_names = STAGE_NAMES
-
-    def __init__(self):
-        super().__init__()
-        self.out_strides = dict(STAGE_STRIDES)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.stem(x)

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .staged import STAGE_NAMES
+
 
 def _windows(x: torch.Tensor, size: int) -> torch.Tensor:
     """(B, H, W, C) -> (B * nW, size * size, C)."""
@@ -174,9 +176,8 @@ class SwinTransformer(nn.Module):
         )
         for i, dim in enumerate(dims):
             self.add_module(f"norm{i}", nn.LayerNorm(dim))
-        self.stage_names = ("res2", "res3", "res4", "res5")
+        self.stage_names = STAGE_NAMES
         self.out_channels = dict(zip(self.stage_names, dims))
-        self.out_strides = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.patch_embed(x)
