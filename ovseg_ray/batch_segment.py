@@ -296,10 +296,11 @@ def run_segment_batch(config: SegmentBatchConfig) -> dict:
         for batch in batches:
             batch = batch.cast(RESULT_SCHEMA)
             failed = pc.equal(batch.column("status"), "error")
+            failures = batch.filter(failed)
             index.write(batch.filter(pc.invert(failed)).select(INDEX_COLUMNS))
-            errors.write(batch.filter(failed).select(ERROR_SCHEMA.names))
+            errors.write(failures.select(ERROR_SCHEMA.names))
             statuses.update(batch.column("status").to_pylist())
-            for item in batch.filter(failed).to_pylist():
+            for item in failures.select(["image_uri", "reason"]).to_pylist():
                 print(f"error: {item['image_uri']}: {item['reason']}")
     finally:
         index.close()

@@ -535,10 +535,10 @@ def _verbose_stats(ds) -> str:
 def summarize(layout: OutputLayout, dataset: CocoCaptions, num_shards: int, skipped: int,
               processed_images: int, wall_time: float) -> dict[str, Any]:
     """Totals over every committed shard (read back from the Parquet files) plus this run's speed."""
-    pairs = layout.read_table("pairs", columns=["image_id", "noun"])
-    errors = layout.read_table("errors", columns=["image_id", "reason"])
+    done = layout.completed_shards()  # listed once: each listing is a round trip on S3
+    pairs = layout.read_table("pairs", shards=done, columns=["image_id", "noun"])
+    errors = layout.read_table("errors", shards=done, columns=["image_id", "reason"])
     by_reason = Counter(reason_code(r) for r in errors.column("reason").to_pylist())
-    done = layout.completed_shards()
     return {
         "output": layout.root,
         "images_in": len(dataset),
