@@ -118,42 +118,6 @@ def settings_for(config: EvalConfig, benchmark: str, preset_threshold: float) ->
     return list(dict.fromkeys([(float(lam), float(threshold)), *((float(a), float(b)) for a, b in grid)]))
 
 
-def predict_settings(segmenter, image: np.ndarray, classes: list[str],
-                     settings: list[tuple[float, float]]) -> list[np.ndarray]:
-    """(H, W) labels for each (lambda, threshold) setting, in the order of ``settings``.
-
-    One setting is exactly :meth:`Segmenter.segment`. Several share the stages that do not depend on
-    lambda: proposals and MaskFormer probabilities once, CLIP region probabilities once per threshold,
-    then one fusion per lambda (the same result as ``segment`` with that setting).
-    """
-    import torch
-
-    from .models.text import clean_class_names
-
-    if len(settings) == 1:
-        lam, threshold = settings[0]
-        return [segmenter.segment(image, classes, lam=lam, mask_threshold=threshold).labels]
-    classes = clean_class_names(classes)
-    labels: list[np.ndarray | None] = [None] * len(settings)
-    by_threshold: dict[float, list[tuple[int, float]]] = {}
-    for index, (lam, threshold) in enumerate(settings):
-        by_threshold.setdefault(threshold, []).append((index, lam))
-    with torch.no_grad():
-        proposals = segmenter.propose(image)
-        p_maskformer = segmenter.maskformer_probs(proposals.class_embeddings, classes)
-        for threshold, group in by_threshold.items():
-            if any(lam > 0.0 for _, lam in group):
-                masks = proposals.binary_masks(threshold)
-                p_clip, valid = segmenter.classify_regions(proposals.image, masks, classes)
-            else:  # lambda 0 everywhere: MaskFormer only, the CLIP stage is not needed
-                valid = torch.zeros(p_maskformer.shape[0], dtype=torch.bool, device=p_maskformer.device)
-                p_clip = p_maskformer[:0]
-            for index, lam in group:
-                labels[index] = segmenter.fuse(p_maskformer, p_clip, valid, proposals.mask_logits,
-                                               image.shape[:2], lam)
-    return labels
-
-
 @dataclass
 class EvalTask:
     """Per image: read the label and the image, predict every setting, emit sparse confusion matrices."""
@@ -187,7 +151,7 @@ class EvalTask:
                                    f"{row['image_uri']} is {image.shape[1]}x{image.shape[0]}")
         out = []
         try:
-            for index, pred in enumerate(predict_settings(segmenter, image, self.classes, self.settings)):
+            for index, pred in enumerate(segmenter.segment_settings(image, self.classes, self.settings)):
                 cells, counts = metrics.confusion_cells(pred, label, len(self.classes))
                 out.append({**base, "setting": index, "cells": cells.tolist(), "counts": counts.tolist(),
                             "stage": "", "reason": ""})

@@ -127,8 +127,11 @@ class Segmenter:
     def classify_regions(self, image: torch.Tensor, masks: torch.Tensor, classes: list[str]):
         """CLIP class probabilities (K, C) of the valid masks, plus the valid flags."""
         embeddings, valid = self.embed_regions(image, masks)
-        text = self.text(classes)
-        return clip_probs(embeddings, text, self.config.temperature), valid
+        return self.clip_probs(embeddings, classes), valid
+
+    def clip_probs(self, region_embeddings: torch.Tensor, classes: list[str]) -> torch.Tensor:
+        """(K, C) CLIP class probabilities of region embeddings (from :meth:`embed_regions_many`)."""
+        return clip_probs(region_embeddings, self.text(classes), self.config.temperature)
 
     def maskformer_probs(self, class_embeddings: torch.Tensor, classes: list[str]) -> torch.Tensor:
         text = self.text(classes)
@@ -138,17 +141,21 @@ class Segmenter:
     def fuse(
         self,
         p_maskformer: torch.Tensor,
-        p_clip: torch.Tensor,
-        valid: torch.Tensor,
+        p_clip: torch.Tensor | None,
+        valid: torch.Tensor | None,
         mask_logits: torch.Tensor,
         output_size: tuple[int, int],
         lam: float,
     ) -> np.ndarray:
+        """Ensemble and per-pixel argmax; ``p_clip = valid = None``: no CLIP regions (MaskFormer only)."""
+        if p_clip is None or valid is None:
+            valid = torch.zeros(p_maskformer.shape[0], dtype=torch.bool, device=p_maskformer.device)
+            p_clip = p_maskformer[:0]
         probs = ensemble_probs(p_maskformer, p_clip, valid.to(p_maskformer.device), lam)
         labels = semantic_labels(probs, mask_logits, output_size=tuple(output_size))
         return labels.to(torch.int32).cpu().numpy()
 
-    def _clock(self) -> float:
+    def clock(self) -> float:
         """Wall-clock seconds after the device's queued work is done (so stage timings are honest on CUDA)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -171,26 +178,47 @@ class Segmenter:
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lambda must be within [0, 1], got {lam}")
         timings = {}
-        start = self._clock()
+        start = self.clock()
         proposals = self.propose(image)
-        timings["proposals_s"] = self._clock() - start
+        now = self.clock()
+        timings["proposals_s"], start = now - start, now
 
-        start = self._clock()
         p_mf = self.maskformer_probs(proposals.class_embeddings, classes)
+        p_clip = valid = None  # lambda 0: MaskFormer only, the CLIP stage is skipped entirely
         if lam > 0.0:
             p_clip, valid = self.classify_regions(proposals.image, proposals.binary_masks(threshold), classes)
-        else:  # MaskFormer only: the CLIP stage is skipped entirely
-            valid = torch.zeros(p_mf.shape[0], dtype=torch.bool, device=p_mf.device)
-            p_clip = p_mf[:0]
-        timings["regions_s"] = self._clock() - start
-
-        start = self._clock()
+        now = self.clock()
+        timings["regions_s"], start = now - start, now
         labels = self.fuse(p_mf, p_clip, valid, proposals.mask_logits, image.shape[:2], lam)
-        timings["fusion_s"] = self._clock() - start
+        timings["fusion_s"] = self.clock() - start
         return SegmentationResult(
             labels=labels,
             classes=classes,
             num_proposals=int(p_mf.shape[0]),
-            num_valid_regions=int(valid.sum()),
+            num_valid_regions=0 if valid is None else int(valid.sum()),
             timings=timings,
         )
+
+    @torch.no_grad()
+    def segment_settings(
+        self, image: np.ndarray, classes: list[str], settings: list[tuple[float, float]]
+    ) -> list[np.ndarray]:
+        """(H, W) labels for each (lambda, mask threshold) setting, in the order of ``settings``.
+
+        Each equals :meth:`segment` with that setting, but the stages that do not depend on lambda
+        are shared: proposals and MaskFormer probabilities once, CLIP regions once per threshold.
+        """
+        classes = clean_class_names(classes)
+        by_threshold: dict[float, list[tuple[int, float]]] = {}
+        for index, (lam, threshold) in enumerate(settings):
+            by_threshold.setdefault(threshold, []).append((index, lam))
+        labels: list[np.ndarray | None] = [None] * len(settings)
+        proposals = self.propose(image)
+        p_mf = self.maskformer_probs(proposals.class_embeddings, classes)
+        for threshold, group in by_threshold.items():
+            p_clip = valid = None  # lambda 0 everywhere: the CLIP stage is not needed
+            if any(lam > 0.0 for _, lam in group):
+                p_clip, valid = self.classify_regions(proposals.image, proposals.binary_masks(threshold), classes)
+            for index, lam in group:
+                labels[index] = self.fuse(p_mf, p_clip, valid, proposals.mask_logits, image.shape[:2], lam)
+        return labels

@@ -20,7 +20,7 @@ from ovseg_ray.data.benchmarks import class_list
 from ovseg_ray.data.images import load_image
 from ovseg_ray.data.readers import BenchmarkReader
 from ovseg_ray.eval_report import markdown_table
-from ovseg_ray.evaluation import EvalConfig, predict_settings, run_evaluation, settings_for
+from ovseg_ray.evaluation import EvalConfig, run_evaluation, settings_for
 from ovseg_ray.inference import Segmenter
 
 ADE_DIR = "ADEChallengeData2016"
@@ -60,7 +60,7 @@ def test_sweep_reuses_stages_and_equals_segment(segmenter, synth_dataset):
 
         setattr(segmenter, name, counted)
     try:
-        swept = predict_settings(segmenter, image, classes, settings)
+        swept = segmenter.segment_settings(image, classes, settings)
     finally:
         for name in calls:
             delattr(segmenter, name)
@@ -70,7 +70,7 @@ def test_sweep_reuses_stages_and_equals_segment(segmenter, synth_dataset):
     for (lam, threshold), labels in zip(settings, swept):
         expected = segmenter.segment(image, classes, lam=lam, mask_threshold=threshold).labels
         assert labels.shape == image.shape[:2] and np.array_equal(labels, expected), (lam, threshold)
-    single = predict_settings(segmenter, image, classes, [(0.5, 0.3)])
+    single = segmenter.segment_settings(image, classes, [(0.5, 0.3)])
     assert np.array_equal(single[0], swept[2])
 
 

@@ -11,7 +11,6 @@ back. The mask logits stay in the proposal stage, which fuses at full resolution
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,7 +19,6 @@ import torch
 
 from ..device import resolve_device
 from ..inference import Proposals, Segmenter
-from ..models.ensemble import clip_probs
 from ..models.ovseg import build_model
 from .config import ModelSettings
 
@@ -98,10 +96,10 @@ class RegionStage:
 
     @torch.no_grad()
     def embed_batch(self, requests: list[RegionRequest]) -> list[RegionResult]:
-        start = time.perf_counter()
+        start = self.segmenter.clock()
         items = [(_tensor(r.image), r.masks()) for r in requests]
         results = self.segmenter.embed_regions_many(items, self.max_regions_per_forward)
-        elapsed = time.perf_counter() - start
+        elapsed = self.segmenter.clock() - start
         total = sum(int(embeddings.shape[0]) for embeddings, _ in results)
         return [
             RegionResult(embeddings.cpu().numpy(), valid.cpu().numpy(), len(requests), total, elapsed)
@@ -144,12 +142,12 @@ class ProposalStage:
     def propose(self, image: np.ndarray, classes: list[str], lam: float, threshold: float) -> PendingSegmentation:
         segmenter = self.segmenter
         timings = {}
-        start = time.perf_counter()
+        start = segmenter.clock()
         proposals = segmenter.propose(np.require(image, requirements="W"))
-        timings["proposals_s"] = time.perf_counter() - start
-        start = time.perf_counter()
+        now = segmenter.clock()
+        timings["proposals_s"], start = now - start, now
         segmenter.text(classes)  # embeds names not seen before; cached for every later request
-        timings["text_s"] = time.perf_counter() - start
+        timings["text_s"] = segmenter.clock() - start
         p_maskformer = segmenter.maskformer_probs(proposals.class_embeddings, classes)
         region_request = None
         if lam > 0.0:
@@ -162,20 +160,17 @@ class ProposalStage:
     def finish(self, pending: PendingSegmentation, regions: RegionResult | None) -> SegmentOutput:
         segmenter = self.segmenter
         p_mf = pending.p_maskformer
-        start = time.perf_counter()
-        if regions is None:
-            valid = torch.zeros(p_mf.shape[0], dtype=torch.bool, device=p_mf.device)
-            p_clip = p_mf[:0]
-        else:
-            embeddings = _tensor(regions.embeddings).to(segmenter.device)
-            p_clip = clip_probs(embeddings, segmenter.text(pending.classes), segmenter.config.temperature)
+        start = segmenter.clock()
+        p_clip = valid = None  # no regions: lambda 0, MaskFormer only
+        if regions is not None:
+            p_clip = segmenter.clip_probs(_tensor(regions.embeddings).to(segmenter.device), pending.classes)
             valid = _tensor(regions.valid)
         labels = segmenter.fuse(p_mf, p_clip, valid, pending.proposals.mask_logits, pending.output_size, pending.lam)
-        timings = {**pending.timings, "fusion_s": time.perf_counter() - start}
+        timings = {**pending.timings, "fusion_s": segmenter.clock() - start}
         return SegmentOutput(
             labels=compact_labels(labels, len(pending.classes)),
             num_proposals=int(p_mf.shape[0]),
-            num_valid_regions=int(valid.sum()),
+            num_valid_regions=0 if valid is None else int(valid.sum()),
             timings=timings,
             region_batch_requests=regions.batch_requests if regions else 0,
             region_batch_regions=regions.batch_regions if regions else 0,
