@@ -79,15 +79,9 @@ class SegmentBatchConfig(StrictModel):
 
 
 def resolve_classes(config: SegmentBatchConfig) -> list[str]:
-    from .models.text import clean_class_names
+    from .models.text import clean_class_names, read_class_file
 
-    if config.classes_file:
-        text = storage.read_bytes(config.classes_file).decode("utf-8")
-        names = [line.strip() for line in text.splitlines() if line.strip()]
-        if not names:
-            raise ValueError(f"class file {config.classes_file} has no class names")
-        return clean_class_names(names)
-    return clean_class_names(config.classes)
+    return read_class_file(config.classes_file) if config.classes_file else clean_class_names(config.classes)
 
 
 def output_paths(out: str, stem: str) -> dict[str, str]:

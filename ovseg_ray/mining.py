@@ -167,7 +167,7 @@ def _image_from_row(row: dict) -> np.ndarray:
 
 def prepare_images(batch: pa.Table, compounds: bool, extra_blocklist: list[str], max_image_pixels: int) -> pa.Table:
     """Ray Data task: nouns of each image's captions, then the decoded image (or the error)."""
-    from .data.images import ImageDecodeError, ImageTooLargeError, decode_image
+    from .data.images import ImageDecodeError, ImageTooLargeError, load_image
     from .nouns import get_extractor
 
     extractor = get_extractor(compounds, extra_blocklist)
@@ -185,8 +185,7 @@ def prepare_images(batch: pa.Table, compounds: bool, extra_blocklist: list[str],
                 error = ("nouns", f"{NO_NOUNS}: no visual noun in {' | '.join(captions)!r}")
         if error is None:
             try:
-                data = storage.read_bytes(row["image_uri"])
-                image = decode_image(data, source=row["image_uri"], max_pixels=max_image_pixels)
+                image = load_image(row["image_uri"], max_pixels=max_image_pixels)
             except FileNotFoundError as exc:
                 error = ("load", f"{MISSING_IMAGE}: {exc}")
             except ImageTooLargeError as exc:  # refused from the header, before decoding

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg_ray.models.clip import clip_tokenizer, create_clip
-from ovseg_ray.models.text import VILD_TEMPLATES, TextEmbedder
+from ovseg_ray.models.text import VILD_TEMPLATES, TextEmbedder, read_class_file
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +63,12 @@ def test_bad_class_names_are_named(clip_and_tokenizer, names, message):
     clip, tokenizer = clip_and_tokenizer
     with pytest.raises(ValueError, match=message):
         TextEmbedder(clip, tokenizer)(names)
+
+
+def test_class_file_one_name_per_line(tmp_path):
+    path = tmp_path / "classes.txt"
+    path.write_text(" sky \n\nred circle\n  \nwall\n")
+    assert read_class_file(str(path)) == ["sky", "red circle", "wall"]
+    path.write_text("\n \n")
+    with pytest.raises(ValueError, match=f"class file {path} has no class names"):
+        read_class_file(str(path))

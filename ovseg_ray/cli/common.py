@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .. import storage
-from ..models.text import clean_class_names
+from ..models.text import clean_class_names, read_class_file
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,11 +26,7 @@ def read_class_names(classes: str | None, classes_file: str | None) -> list[str]
     if classes and classes_file:
         raise ValueError("give either --classes or --classes-file, not both")
     if classes_file:
-        text = storage.read_bytes(classes_file).decode("utf-8")
-        names = [line.strip() for line in text.splitlines() if line.strip()]
-        if not names:
-            raise ValueError(f"class file {classes_file} has no class names")
-        return clean_class_names(names)
+        return read_class_file(classes_file)
     if classes is None:
         raise ValueError("no classes given: use --classes or --classes-file")
     return clean_class_names([c for c in classes.split(",")] if classes.strip() else [])

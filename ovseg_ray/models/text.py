@@ -48,6 +48,16 @@ def clean_class_names(names: Sequence[str]) -> list[str]:
     return cleaned
 
 
+def read_class_file(uri: str) -> list[str]:
+    """Class names from a file (path or s3://), one per line, blank lines skipped; then cleaned."""
+    from .. import storage
+
+    names = [line.strip() for line in storage.read_bytes(uri).decode("utf-8").splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"class file {uri} has no class names")
+    return clean_class_names(names)
+
+
 class TextEmbedder:
     """Embeds class names with a frozen CLIP text tower.
 
