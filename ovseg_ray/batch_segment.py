@@ -34,9 +34,9 @@ from .batch_inference import ComputeConfig, inference_stage, items_dataset
 from .config import ModelConfig, StrictModel
 from .data.images import ImageDecodeError, decode_image
 from .device import is_device_failure
+from .outputs import OUTPUT_SUFFIXES, result_summary, segmentation_paths, write_segmentation
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-OUTPUT_SUFFIXES = (".labels.png", ".overlay.png", ".json")
 RUN_FILE = "run.yaml"  # not .json: no image output can be named like it
 
 RESULT_SCHEMA = pa.schema([
@@ -85,12 +85,8 @@ def resolve_classes(config: SegmentBatchConfig) -> list[str]:
 
 
 def output_paths(out: str, stem: str) -> dict[str, str]:
-    """The files :func:`ovseg_ray.outputs.write_segmentation` writes for ``stem``."""
-    return {
-        "label_png_uri": storage.join(out, f"{stem}.labels.png"),
-        "overlay_png_uri": storage.join(out, f"{stem}.overlay.png"),
-        "json_uri": storage.join(out, f"{stem}.json"),
-    }
+    """The index columns naming the files :func:`ovseg_ray.outputs.write_segmentation` writes for ``stem``."""
+    return {f"{kind}_uri": uri for kind, uri in segmentation_paths(out, stem).items()}
 
 
 def _relative(uri: str, prefix: str) -> str:
@@ -139,9 +135,11 @@ def finished_stems(out: str) -> set[str]:
     out_root = _normalise(out)
     if not storage.exists(out_root):
         return set()
-    present = {_relative(uri, out_root) for uri in storage.list_files(out_root, suffixes=OUTPUT_SUFFIXES)}
-    stems = {p[: -len(".json")] for p in present if p.endswith(".json")}
-    return {s for s in stems if f"{s}.labels.png" in present and f"{s}.overlay.png" in present}
+    suffixes = OUTPUT_SUFFIXES.values()
+    present = {_relative(uri, out_root) for uri in storage.list_files(out_root, suffixes=suffixes)}
+    marker = OUTPUT_SUFFIXES["json"]
+    stems = {p[: -len(marker)] for p in present if p.endswith(marker)}
+    return {s for s in stems if all(s + suffix in present for suffix in suffixes)}
 
 
 def result_row(image_uri: str, stem: str, out: str, summary: dict, status: str) -> dict:
@@ -172,8 +170,6 @@ class SegmentTask:
     output_schema = RESULT_SCHEMA
 
     def process(self, segmenter, row: dict) -> list[dict]:
-        from .outputs import result_summary, write_segmentation
-
         if row["image_uri_error"]:
             return [error_row(row["image_uri"], row["stem"], row["image_uri_error"])]
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
@@ -14,7 +15,9 @@ from pycocotools import mask as mask_utils
 
 from . import storage
 from .data.images import encode_png
-from .inference import SegmentationResult
+
+if TYPE_CHECKING:  # type only: writing outputs needs no torch
+    from .inference import SegmentationResult
 
 OUTPUT_KINDS = ("label_png", "overlay_png", "rle")
 
@@ -84,13 +87,18 @@ def result_summary(result: SegmentationResult, with_rle: bool = True, with_timin
     return summary
 
 
+#: The files written per image, by kind; ``json`` is written last (it marks the image as done).
+OUTPUT_SUFFIXES = {"label_png": ".labels.png", "overlay_png": ".overlay.png", "json": ".json"}
+
+
+def segmentation_paths(out_dir: str, stem: str) -> dict[str, str]:
+    """Where :func:`write_segmentation` puts each kind of output of ``stem``."""
+    return {kind: storage.join(out_dir, stem + suffix) for kind, suffix in OUTPUT_SUFFIXES.items()}
+
+
 def write_segmentation(out_dir: str, stem: str, image: np.ndarray, result: SegmentationResult) -> dict[str, str]:
     """Write ``STEM.labels.png``, ``STEM.overlay.png`` and ``STEM.json`` under ``out_dir`` (path or s3://)."""
-    paths = {
-        "label_png": storage.join(out_dir, f"{stem}.labels.png"),
-        "overlay_png": storage.join(out_dir, f"{stem}.overlay.png"),
-        "json": storage.join(out_dir, f"{stem}.json"),
-    }
+    paths = segmentation_paths(out_dir, stem)
     storage.write_bytes(paths["label_png"], label_png(result.labels, len(result.classes)))
     storage.write_bytes(paths["overlay_png"], overlay_png(image, result.labels, result.classes))
     storage.write_text(paths["json"], json.dumps(result_summary(result), indent=1))
