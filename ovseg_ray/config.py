@@ -75,6 +75,18 @@ class ActorPoolConfig(StrictModel):
         return self
 
 
+def settings_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each setting that differs, nested dicts compared key by key (dotted)."""
+    found = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += settings_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return found
+
+
 def format_validation_error(error: ValidationError, source: str = "config") -> str:
     lines = [f"invalid {source}:"]
     for item in error.errors():

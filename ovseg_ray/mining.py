@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from . import storage
-from .config import ActorPoolConfig, ConfigError, ModelPreset, StrictModel
+from .config import ActorPoolConfig, ConfigError, ModelPreset, StrictModel, settings_changes
 from .device import is_device_failure
 from .data.coco import CocoCaptions, Shard, shard_name
 from .pairs import ERROR_SCHEMA, PAIR_SCHEMA, decode_mask, encode_mask
@@ -358,11 +358,10 @@ class OutputLayout:
         uri = self.path("manifest.json")
         if storage.exists(uri):
             previous = json.loads(storage.read_bytes(uri))
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            changed = settings_changes(previous, settings)
             if changed:
-                details = "; ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
                 raise ConfigError(
-                    f"output {self.root} holds pairs mined with other settings ({details}); "
+                    f"output {self.root} holds pairs mined with other settings ({'; '.join(changed)}); "
                     f"use a new output folder or restore those settings to resume")
             return
         storage.write_text(uri, json.dumps(settings, indent=2, sort_keys=True))

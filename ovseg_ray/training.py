@@ -25,7 +25,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from . import storage
-from .config import ConfigError, ModelPreset, StrictModel
+from .config import ConfigError, ModelPreset, StrictModel, settings_changes
 from .models.text import MAX_NAME_CHARS
 from .train_clip import (
     MODE_DEFAULTS,
@@ -130,23 +130,12 @@ def run_dir(config: TrainClipConfig) -> str:
     return storage.join(base, config.run.name)
 
 
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    found = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            found += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            found.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return found
-
-
 def _check_run_record(config: TrainClipConfig, directory: str) -> None:
     """Record the run's settings on first start; refuse to resume a run with other settings."""
     record = storage.join(directory, RUN_RECORD)
     if storage.exists(record):
         previous = json.loads(storage.read_bytes(record))
-        changed = _differences(previous.get("fingerprint", {}), config.fingerprint())
+        changed = settings_changes(previous.get("fingerprint", {}), config.fingerprint())
         if changed:
             raise ConfigError(f"run {directory} was started with other settings ({'; '.join(changed)}); "
                               f"resume it with the same settings or choose another run.name")

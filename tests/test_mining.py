@@ -382,3 +382,14 @@ def test_mine_preview_contact_sheet(local_run, tmp_path):
                 "--tile", "64"]) == 0
     assert again.read_bytes() == sheet.read_bytes()
     assert cli(["mine-preview", str(tmp_path / "nowhere"), "--out", str(again)]) == 2
+
+
+def test_resuming_into_an_output_of_other_settings_is_refused(tmp_path):
+    layout = OutputLayout(str(tmp_path / "mined"))
+    settings = {"captions_per_image": 1, "nouns": {"compounds": True, "extra_blocklist": []}}
+    layout.check_manifest(settings)
+    layout.check_manifest(settings)  # same settings: resumes
+    changed = {**settings, "nouns": {"compounds": False, "extra_blocklist": []}}
+    with pytest.raises(ConfigError, match=r"other settings \(nouns.compounds: True -> False\)"):
+        layout.check_manifest(changed)
+    assert json.loads((tmp_path / "mined" / "manifest.json").read_text()) == settings
