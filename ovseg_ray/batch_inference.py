@@ -78,12 +78,18 @@ class SegmenterActor:
         return pa.Table.from_pylist(rows, schema=self.task.output_schema)
 
 
+#: The driver puts every input block in the object store up front: cap their number on huge inputs.
+MAX_INPUT_BLOCKS = 2000
+
+
 def items_dataset(items: list[dict], batch_size: int):
-    """A Ray dataset of ``items`` split into blocks of about ``batch_size`` rows (so every actor gets work)."""
+    """A Ray dataset of ``items`` in blocks of ``batch_size`` rows, or more when that would make over
+    :data:`MAX_INPUT_BLOCKS` blocks. A map stage never splits a block, so the block size bounds how
+    finely work spreads over the actors."""
     import ray
 
-    blocks = max(1, min(len(items), math.ceil(len(items) / batch_size)))
-    return ray.data.from_items(items, override_num_blocks=blocks)
+    rows_per_block = max(batch_size, math.ceil(len(items) / MAX_INPUT_BLOCKS))
+    return ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))
 
 
 def inference_stage(items: list[dict], model: ModelConfig, compute: ComputeConfig, task: ImageTask,

@@ -56,6 +56,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from . import storage
+from .batch_inference import items_dataset
 from .config import ActorPoolConfig, ConfigError, ModelPreset, StrictModel, settings_changes
 from .device import is_device_failure
 from .data.coco import CocoCaptions, Shard, shard_name
@@ -435,9 +436,6 @@ class MiningResult:
                 f"-> {s['output']}")
 
 
-MAX_INPUT_BLOCKS = 2000
-
-
 @dataclass(frozen=True)
 class PoolPlan:
     """An actor pool as it will be requested from Ray (GPUs resolved on the driver)."""
@@ -487,12 +485,7 @@ def build_pipeline(config: MiningConfig, shards: list[Shard], threshold: float,
 
     items = [{"shard": shard.index, "image_id": image.image_id, "image_uri": image.uri,
               "captions": list(image.captions)} for shard in shards for image in shard.images]
-    # Blocks as small as the smallest model batch (a map stage never splits a block, so the block size
-    # bounds how finely work spreads over the actors), but at most MAX_INPUT_BLOCKS of them: the
-    # driver puts every input block in the object store up front.
-    rows_per_block = max(min(config.proposals.batch_size, config.matching.batch_size),
-                         -(-len(items) // MAX_INPUT_BLOCKS))
-    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // rows_per_block)))
+    ds = items_dataset(items, min(config.proposals.batch_size, config.matching.batch_size))
     # The memory reservation also keeps Ray Data from fusing loading into the proposal actors (it
     # fuses operators whose resource requests are identical), so images decode on spare CPUs in
     # parallel with the models rather than inside the proposal actors.
