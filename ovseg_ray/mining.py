@@ -293,7 +293,9 @@ class MatchingStage:
             if not stage:
                 size = (row["height"], row["width"])
                 try:
-                    masks = torch.from_numpy(np.stack([decode_mask(c, size) for c in row["proposal_rle"]]))
+                    # RLE encoded by the proposal stage of this pipeline: no need to re-check its runs
+                    rles = row["proposal_rle"]
+                    masks = torch.from_numpy(np.stack([decode_mask(c, size, validate=False) for c in rles]))
                     matches = self.matcher(_image_from_row(row), masks, list(row["nouns"]))
                 except Exception as exc:  # recorded, the run goes on
                     if is_device_failure(exc):
