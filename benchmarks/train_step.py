@@ -30,13 +30,13 @@ import numpy as np
 def plain_loop(table, args, vocabulary: list[str]) -> dict:
     import torch
 
-    from ovseg_ray.models.text import BARE_TEMPLATE, VILD_TEMPLATES, TextEmbedder
+    from ovseg_ray.models.text import TEMPLATE_SETS, TextEmbedder
     from ovseg_ray.train_clip import RegionTrainer, build_training_model
     from ovseg_ray.train_pairs import batch_tensors, decode_pairs, region_size
 
     torch.set_num_threads(max(1, int(args.cpus_per_worker)))
     model = build_training_model(args.preset, seed=args.seed)
-    templates = VILD_TEMPLATES if args.templates == "vild" else BARE_TEMPLATE
+    templates = TEMPLATE_SETS[args.templates]
     embeddings = TextEmbedder(model.clip, model.tokenizer, templates)(vocabulary)
     index = {noun: i for i, noun in enumerate(vocabulary)}
     steps_per_epoch = int(np.ceil(table.num_rows / args.batch_size))

@@ -54,6 +54,12 @@ CKPT_PROGRESS = "progress.json"
 # Model: starting weights, trainable parameters, export
 # ----------------------------------------------------------------------------------------------
 
+def optimizer_settings(mode: str, lr: float | None, weight_decay: float | None) -> tuple[float, float]:
+    """(learning rate, weight decay): the given values, else the paper's for ``mode``."""
+    default_lr, default_wd = MODE_DEFAULTS.get(mode, (None, None))
+    return (default_lr if lr is None else lr), (default_wd if weight_decay is None else weight_decay)
+
+
 def model_config(preset: str, prompt_depth: int | None) -> OVSegConfig:
     config = load_preset(preset)
     if prompt_depth is not None and prompt_depth != config.prompt_depth:
@@ -286,7 +292,6 @@ class RegionTrainer:
                  wrap: Callable[[nn.Module], nn.Module] = lambda module: module):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        default_lr, default_wd = MODE_DEFAULTS[mode] if mode in MODE_DEFAULTS else (None, None)
         self.model = model
         self.mode = mode
         self.names = select_trainable(model, mode)
@@ -299,8 +304,7 @@ class RegionTrainer:
         self.autocast_dtype = resolve_precision(precision, self.device)
         self.embedder = wrap(RegionEmbedder(model))
         self.embedder.train()
-        self.optimizer = build_optimizer(model, self.names, default_lr if lr is None else lr,
-                                         default_wd if weight_decay is None else weight_decay)
+        self.optimizer = build_optimizer(model, self.names, *optimizer_settings(mode, lr, weight_decay))
         self.scheduler = cosine_schedule(self.optimizer, warmup_steps, total_steps)
         use_scaler = self.autocast_dtype == torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if use_scaler else None

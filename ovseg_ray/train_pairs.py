@@ -13,7 +13,7 @@ import torch
 
 from . import storage
 from .data.images import load_image
-from .inference import resize_image
+from .inference import image_to_tensor, resize_image
 from .models.ovseg import OVSegConfig
 from .models.regions import RegionPreprocessor
 from .models.text import MAX_NAME_CHARS
@@ -21,6 +21,15 @@ from .pairs import decode_mask
 
 REQUIRED_PAIR_COLUMNS = ("image_uri", "noun", "rle_counts", "rle_size")
 
+
+
+def noun_problem(noun: str) -> str | None:
+    """Why a (stripped) noun cannot be trained on, or None: the rule the vocabulary follows too."""
+    if not noun:
+        return "empty noun"
+    if len(noun) > MAX_NAME_CHARS:
+        return f"noun longer than {MAX_NAME_CHARS} characters"
+    return None
 
 
 def checked_mask(counts, size) -> np.ndarray:
@@ -55,15 +64,16 @@ def decode_pairs(batch: dict, size: int, interpolation: str = "bicubic") -> dict
         by_image.setdefault(str(uri), []).append(row)
     for uri, rows in by_image.items():
         try:
-            image = torch.from_numpy(load_image(uri)).permute(2, 0, 1).float()
+            image = image_to_tensor(load_image(uri))
         except (OSError, ValueError) as exc:
             for row in rows:
                 errors[row] = f"image: {exc}"
             continue
         by_size: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = {}
         for row in rows:
-            if not nouns[row] or len(nouns[row]) > MAX_NAME_CHARS:
-                errors[row] = "empty noun" if not nouns[row] else f"noun longer than {MAX_NAME_CHARS} characters"
+            problem = noun_problem(nouns[row])
+            if problem:
+                errors[row] = problem
                 continue
             try:
                 mask = checked_mask(batch["rle_counts"][row], batch["rle_size"][row])

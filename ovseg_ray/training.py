@@ -26,18 +26,17 @@ from pydantic import Field, field_validator
 
 from . import storage
 from .config import ConfigError, ModelPreset, StrictModel, settings_changes
-from .models.text import MAX_NAME_CHARS
 from .train_clip import (
-    MODE_DEFAULTS,
     SUMMARY_FILE,
     build_training_model,
     export_model,
     load_training_checkpoint,
     model_config,
+    optimizer_settings,
     read_safetensors_metadata,
     save_training_checkpoint,
 )
-from .train_pairs import REQUIRED_PAIR_COLUMNS, batch_tensors, decode_pairs, region_size
+from .train_pairs import REQUIRED_PAIR_COLUMNS, batch_tensors, decode_pairs, noun_problem, region_size
 
 logger = logging.getLogger(__name__)
 RUN_RECORD = "train_clip_config.json"
@@ -166,8 +165,6 @@ def _check_start_weights(config: TrainClipConfig) -> None:
     if not uri:
         raise ConfigError("mode ft-mpt starts from an ft model: set model.init_weights to the final "
                           "model.safetensors of an ft run")
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"model.init_weights not found: {uri}")
     trained_mode = read_safetensors_metadata(uri).get("mode")
     if trained_mode and trained_mode != "ft":
         raise ConfigError(f"model.init_weights {uri} was written by a {trained_mode!r} run; ft-mpt starts "
@@ -257,7 +254,7 @@ def load_pairs(config: TrainClipConfig):
     if rows == 0:
         raise ValueError(f"the pairs table {uri} has no rows")
     nouns = {str(n).strip() for n in ds.unique("noun") if n is not None}
-    vocabulary = sorted(n for n in nouns if n and len(n) <= MAX_NAME_CHARS)  # others: skipped rows
+    vocabulary = sorted(n for n in nouns if noun_problem(n) is None)  # others: skipped rows
     if not vocabulary:
         raise ValueError(f"the pairs table {uri} has no non-empty nouns")
     model = model_config(config.model.preset, config.model.prompt_depth)
@@ -297,9 +294,7 @@ def train_clip(config: TrainClipConfig) -> dict:
     _check_cpu_budget(config, use_gpu)
     ds, rows, vocabulary = load_pairs(config)
     _check_run_record(config, directory)
-    default_lr, default_wd = MODE_DEFAULTS[config.mode]
-    lr = default_lr if config.optim.lr is None else config.optim.lr
-    wd = default_wd if config.optim.weight_decay is None else config.optim.weight_decay
+    lr, wd = optimizer_settings(config.mode, config.optim.lr, config.optim.weight_decay)
     print(f"train-clip {config.mode} ({config.objective}) on {rows} pairs, {len(vocabulary)} nouns, "
           f"{config.run.num_workers} worker(s) on {'GPU' if use_gpu else 'CPU'}, lr {lr:g}, weight decay {wd:g}; "
           f"run folder {directory}")
@@ -378,7 +373,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from .models.text import BARE_TEMPLATE, VILD_TEMPLATES, TextEmbedder
+    from .models.text import TEMPLATE_SETS, TextEmbedder
     from .train_clip import RegionTrainer
 
     logging.getLogger("ovseg_ray").setLevel(logging.INFO)  # progress lines reach Ray's worker log and driver
@@ -395,8 +390,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                  config.model.prompt_depth, seed=optim.seed)
     model.clip.to(device)
     model.region_encoder.to(device)
-    templates = VILD_TEMPLATES if config.text_templates == "vild" else BARE_TEMPLATE
-    text = TextEmbedder(model.clip, model.tokenizer, templates, cache_size=len(vocabulary) + 1)
+    text = TextEmbedder(model.clip, model.tokenizer, TEMPLATE_SETS[config.text_templates], cache_size=len(vocabulary) + 1)
     vocabulary_embeddings = text(vocabulary)
     noun_index = {noun: index for index, noun in enumerate(vocabulary)}
     steps_per_epoch = max(1, math.ceil((loop_config["rows"] // world) / optim.batch_size))

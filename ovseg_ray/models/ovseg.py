@@ -18,7 +18,7 @@ from .clip import clip_tokenizer, create_clip, freeze_text_tower, known_clip_arc
 from .maskformer import MaskFormerConfig, OpenVocabMaskFormer
 from .masked_clip import MaskedVisionEncoder
 from .regions import INTERPOLATIONS
-from .text import BARE_TEMPLATE, VILD_TEMPLATES
+from .text import TEMPLATE_SETS
 
 _ALIAS_PREFIX = "region_encoder.visual."
 
@@ -54,12 +54,12 @@ class OVSegConfig(StrictModel):
     @field_validator("templates")
     @classmethod
     def _known_templates(cls, value: str) -> str:
-        if value not in ("vild", "bare"):
-            raise ValueError("must be 'vild' or 'bare'")
+        if value not in TEMPLATE_SETS:
+            raise ValueError(f"must be one of {', '.join(map(repr, TEMPLATE_SETS))}")
         return value
 
     def template_list(self) -> tuple[str, ...]:
-        return VILD_TEMPLATES if self.templates == "vild" else BARE_TEMPLATE
+        return TEMPLATE_SETS[self.templates]
 
 
 def load_preset(name: str) -> OVSegConfig:

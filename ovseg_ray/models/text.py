@@ -30,6 +30,8 @@ VILD_TEMPLATES: tuple[str, ...] = (
     "There is a large {} in the scene.",
 )
 BARE_TEMPLATE: tuple[str, ...] = ("{}",)
+#: Template sets by the name configs use (``templates`` / ``text_templates``).
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {"vild": VILD_TEMPLATES, "bare": BARE_TEMPLATE}
 MAX_NAME_CHARS = 200
 
 
