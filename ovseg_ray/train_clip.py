@@ -170,23 +170,6 @@ def export_model(model: OVSegModel, out_dir: str, metadata: dict[str, str]) -> d
     return paths
 
 
-def read_safetensors_metadata(uri: str) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file, reading only its header ({} for other formats)."""
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            return {}
-        length = int.from_bytes(head, "little")
-        if not 0 < length < 100_000_000:
-            return {}
-        header = handle.read(length)
-    try:
-        return dict(json.loads(header).get("__metadata__") or {})
-    except (ValueError, AttributeError):
-        return {}
-
-
 # ----------------------------------------------------------------------------------------------
 # Optimisation
 # ----------------------------------------------------------------------------------------------

@@ -33,10 +33,10 @@ from .train_clip import (
     load_training_checkpoint,
     model_config,
     optimizer_settings,
-    read_safetensors_metadata,
     save_training_checkpoint,
 )
 from .train_pairs import REQUIRED_PAIR_COLUMNS, batch_tensors, decode_pairs, noun_problem, region_size
+from .weights.readers import safetensors_metadata
 
 logger = logging.getLogger(__name__)
 RUN_RECORD = "train_clip_config.json"
@@ -165,7 +165,7 @@ def _check_start_weights(config: TrainClipConfig) -> None:
     if not uri:
         raise ConfigError("mode ft-mpt starts from an ft model: set model.init_weights to the final "
                           "model.safetensors of an ft run")
-    trained_mode = read_safetensors_metadata(uri).get("mode")
+    trained_mode = safetensors_metadata(uri).get("mode")
     if trained_mode and trained_mode != "ft":
         raise ConfigError(f"model.init_weights {uri} was written by a {trained_mode!r} run; ft-mpt starts "
                           f"from the final model of an ft run")

@@ -29,6 +29,7 @@ from ovseg_ray.models.ovseg import build_model, load_weights
 from ovseg_ray.weights import (RawCheckpoint, load_clip_weights, load_manifest, load_model_weights, map_to_ours,
                                read_tensors)
 from ovseg_ray.weights.loading import _preset_hint, fit_state
+from ovseg_ray.weights.readers import safetensors_metadata
 from ovseg_ray.weights.manifests import derive
 
 RELEASE_CLIP = "clip_adapter.clip_model."
@@ -517,3 +518,17 @@ def test_release_details_batchnorm_counters_shared_prompts_and_corrupt_files(tmp
         load_weights(model, unknown)
     with pytest.raises(FileNotFoundError, match="nothing-here"):
         load_weights(model, str(tmp_path / "nothing-here.pth"))
+
+
+def test_safetensors_metadata_from_the_header_alone(tmp_path):
+    ours = str(tmp_path / "model.safetensors")
+    save_checkpoint({"w": torch.ones(2)}, ours, metadata={"mode": "ft", "epoch": "3"})
+    assert safetensors_metadata(ours) == {"mode": "ft", "epoch": "3"}
+    pickled = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(2)}, pickled)
+    assert safetensors_metadata(str(pickled)) == {}  # not safetensors: no record, no error
+    corrupt = tmp_path / "corrupt.safetensors"
+    header = b'{"__metadata__": {"mode": '
+    corrupt.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+    with pytest.raises(CheckpointError, match=f"cannot read safetensors file {corrupt}: corrupt header"):
+        safetensors_metadata(str(corrupt))

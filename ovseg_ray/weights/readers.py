@@ -90,18 +90,35 @@ def _read_safetensors(uri: str, data: bytes | None) -> RawCheckpoint:
     try:
         if data is None:
             with open(uri, "rb") as handle:
-                header = _safetensors_header(handle.read(8), handle)
+                header = _safetensors_header(handle)
             tensors = load_safetensors_file(uri)
         else:
-            header = _safetensors_header(data[:8], io.BytesIO(data[8:]))
+            header = _safetensors_header(io.BytesIO(data))  # BytesIO shares a bytes buffer: no copy
             tensors = load_safetensors_bytes(data)
     except Exception as exc:  # a truncated or corrupt file: say which one
         raise CheckpointError(f"cannot read safetensors file {uri}: {exc}") from None
     return RawCheckpoint(uri, "safetensors", dict(tensors), dict(header.get("__metadata__", {}) or {}))
 
 
-def _safetensors_header(length: bytes, rest) -> dict:
-    return json.loads(rest.read(int.from_bytes(length, "little")))
+def _safetensors_header(handle) -> dict:
+    """The JSON header of a safetensors stream positioned at its start."""
+    return json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+
+
+def safetensors_metadata(uri: str) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file, reading only its header ({} for other formats)."""
+    fs, path = storage.filesystem(uri)
+    size = fs.size(path)
+    with fs.open(path, "rb") as handle:
+        if not _is_safetensors_header(handle.read(10), size):
+            return {}
+        handle.seek(0)
+        try:
+            header = _safetensors_header(handle)
+        except ValueError as exc:
+            raise CheckpointError(f"cannot read safetensors file {uri}: corrupt header ({exc})") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return dict(metadata or {})
 
 
 def _numpy_safe_globals() -> list:
