@@ -27,16 +27,16 @@ from torch import nn
 
 from . import storage
 from .losses import contrastive_loss, vocabulary_correct, vocabulary_loss
-from .weights.checkpoint import check_and_load, read_checkpoint, save_checkpoint
-from .weights.errors import CheckpointError
 from .models.ovseg import OVSegConfig, OVSegModel, build_model, load_preset
-from .weights import load_clip_weights
+from .weights import load_clip_weights, load_model_weights
+from .weights.checkpoint import read_checkpoint, save_checkpoint
+from .weights.errors import CheckpointError
+from .weights.keymaps import PROMPTS_KEY
 
 MODES = ("ft", "mpt", "ft-mpt")
 OBJECTIVES = ("clip", "vocab")
 # mode: (learning rate, weight decay), the paper's settings.
 MODE_DEFAULTS = {"ft": (5e-6, 0.2), "mpt": (2e-2, 0.0), "ft-mpt": (2e-2, 0.0)}
-PROMPTS_KEY = "region_encoder.mask_prompts"
 VISUAL_PREFIX = "clip.visual."
 
 # Files of a finished run (``RUN/final/``) and of each training checkpoint.
@@ -67,36 +67,12 @@ def model_config(preset: str, prompt_depth: int | None) -> OVSegConfig:
     return config
 
 
-def load_start_weights(model: OVSegModel, uri: str) -> None:
-    """Load a full checkpoint in our layout; mask prompts of another depth keep the shared depths.
-
-    A checkpoint with deeper prompts gives its first ``depth`` prompt sets; one with fewer gives those
-    it has and the rest stay freshly initialised.
-    """
-    state = read_checkpoint(uri)
-    expected = model.state_dict()
-    prompts = state.get(PROMPTS_KEY)
-    target = expected.get(PROMPTS_KEY)
-    if prompts is not None and target is not None and prompts.shape != target.shape:
-        if prompts.shape[1:] != target.shape[1:]:
-            raise CheckpointError(
-                f"checkpoint {uri}: mask prompts {tuple(prompts.shape)} do not fit the model {tuple(target.shape)}"
-            )
-        merged = target.clone()
-        shared = min(prompts.shape[0], target.shape[0])
-        merged[:shared] = prompts[:shared]
-        state = {**state, PROMPTS_KEY: merged}
-    elif prompts is not None and target is None:  # depth 0: the model has no prompts at all
-        state = {k: v for k, v in state.items() if k != PROMPTS_KEY}
-    check_and_load(model, {k: v.to(expected[k].dtype) if k in expected else v for k, v in state.items()}, uri)
-
-
 def build_training_model(preset: str, init_weights: str | None = None, clip_weights: str | None = None,
                          prompt_depth: int | None = None, seed: int = 0) -> OVSegModel:
     """The model to train, on the CPU: preset (optionally another prompt depth) + starting weights."""
     model = build_model(model_config(preset, prompt_depth), seed=seed)
-    if init_weights:
-        load_start_weights(model, init_weights)
+    if init_weights:  # our layout or a release file; mask prompts of another depth are adapted
+        load_model_weights(model, init_weights, any_prompt_depth=True)
     if clip_weights:
         load_clip_weights(model, clip_weights)
     return model

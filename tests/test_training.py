@@ -29,6 +29,7 @@ from ovseg_ray.cli import main as cli
 from ovseg_ray.config import ConfigError, load_config
 from ovseg_ray.data.images import load_image
 from ovseg_ray.weights.checkpoint import read_checkpoint, save_checkpoint
+from ovseg_ray.weights.errors import CheckpointMismatchError
 from ovseg_ray.models.ovseg import build_model
 from ovseg_ray.models.regions import RegionPreprocessor
 from ovseg_ray.models.text import VILD_TEMPLATES, TextEmbedder
@@ -474,3 +475,27 @@ def test_pair_files_of_a_mining_output_are_its_committed_shards(mined_pairs, tmp
         marker.unlink()
     with pytest.raises(ValueError, match="has no finished shard yet"):
         pair_files(str(root))
+
+
+def test_start_weights_of_another_prompt_depth_keep_the_shared_depths(tmp_path):
+    """ft-mpt may start from a model trained at another depth: the depths both have are carried over."""
+    source = build_training_model("tiny", prompt_depth=3, seed=1)
+    path = str(tmp_path / "start.safetensors")
+    save_checkpoint(source, path)
+    prompts = source.region_encoder.mask_prompts.detach()
+    clip_weight = source.state_dict()["clip.visual.conv1.weight"]
+    for depth in (1, 3, 4):
+        fresh = build_training_model("tiny", prompt_depth=depth, seed=2).region_encoder.mask_prompts.detach()
+        model = build_training_model("tiny", init_weights=path, prompt_depth=depth, seed=2)
+        loaded = model.region_encoder.mask_prompts.detach()
+        assert loaded.shape[0] == depth
+        assert torch.equal(loaded[: min(depth, 3)], prompts[: min(depth, 3)])
+        assert torch.equal(loaded[3:], fresh[3:])  # deeper than the checkpoint: the model's own values
+        assert torch.equal(model.state_dict()["clip.visual.conv1.weight"], clip_weight)
+    shallow = build_training_model("tiny", init_weights=path, prompt_depth=0)
+    assert PROMPTS_KEY not in shallow.state_dict()
+    assert torch.equal(shallow.state_dict()["clip.visual.conv1.weight"], clip_weight)
+    narrow = {**source.state_dict(), PROMPTS_KEY: prompts[:, :5]}  # other patch count: refused by name
+    save_checkpoint(narrow, path)
+    with pytest.raises(CheckpointMismatchError, match="mask_prompts"):
+        build_training_model("tiny", init_weights=path)

@@ -52,20 +52,28 @@ def read_mapped(uri: str, trust_pickle: bool = False) -> tuple[RawCheckpoint, Ma
 
 
 def fit_state(expected: dict[str, torch.Tensor], mapped: MappedState, source: str, *, clip_only: bool = False,
-              hint: str = "") -> dict[str, torch.Tensor]:
+              any_prompt_depth: bool = False, hint: str = "") -> dict[str, torch.Tensor]:
     """Check ``mapped`` against the model's ``expected`` state and return it in the model's dtypes.
 
     A full load needs every model key; a CLIP-only load needs every ``clip.*`` key and may carry the
     mask prompts. OVSeg's shared mask prompt of shape (depth, 1, width) is broadcast to every patch,
     and derived buffers (Swin's relative position index) must equal the model's own.
+    ``any_prompt_depth``: mask prompts of another depth give the model their first depths (deeper
+    model: the rest keep the model's values; depth-0 model: the prompts are left out).
     """
     if clip_only:
         expected = {k: v for k, v in expected.items() if k.startswith("clip.") or k == PROMPTS_KEY}
     state = dict(mapped.tensors)
     prompts, target = state.get(PROMPTS_KEY), expected.get(PROMPTS_KEY)
     if prompts is not None and target is not None and prompts.dim() == 3 and prompts.shape[1] == 1:
-        if prompts.shape[0] == target.shape[0] and prompts.shape[2] == target.shape[2]:
-            state[PROMPTS_KEY] = prompts.expand_as(target)
+        if (any_prompt_depth or prompts.shape[0] == target.shape[0]) and prompts.shape[2] == target.shape[2]:
+            prompts = state[PROMPTS_KEY] = prompts.expand(prompts.shape[0], *target.shape[1:])
+    if any_prompt_depth and prompts is not None:
+        if target is None:
+            del state[PROMPTS_KEY]
+        elif prompts.dim() == 3 and prompts.shape[1:] == target.shape[1:] and prompts.shape[0] != target.shape[0]:
+            shared = min(prompts.shape[0], target.shape[0])
+            state[PROMPTS_KEY] = torch.cat([prompts[:shared].to(target), target[shared:]])
 
     def describe(key: str) -> str:
         source_key = mapped.origins.get(key) or mapped.source_name(key)
@@ -79,8 +87,9 @@ def fit_state(expected: dict[str, torch.Tensor], mapped: MappedState, source: st
     return {k: v.to(expected[k].dtype) for k, v in state.items()}
 
 
-def load_model_weights(model, uri: str) -> LoadReport:
-    """Load a full checkpoint (ours or an OVSeg release file) into ``model``; strict."""
+def load_model_weights(model, uri: str, any_prompt_depth: bool = False) -> LoadReport:
+    """Load a full checkpoint (ours or an OVSeg release file) into ``model``; strict, except that
+    ``any_prompt_depth`` adapts mask prompts of another depth (see :func:`fit_state`)."""
     raw, mapped = read_mapped(uri)
     if mapped.is_clip_only:
         raise CheckpointError(
@@ -88,7 +97,8 @@ def load_model_weights(model, uri: str) -> LoadReport:
             f"CLIP weights (ovseg_ray.weights.load_clip_weights), or merge it into a full checkpoint: "
             f"`ovseg-ray convert FULL_CHECKPOINT OUT.safetensors --clip-weights {uri}`"
         )
-    state = fit_state(model.state_dict(), mapped, uri, hint=_preset_hint(raw, mapped, model))
+    state = fit_state(model.state_dict(), mapped, uri, any_prompt_depth=any_prompt_depth,
+                      hint=_preset_hint(raw, mapped, model))
     model.load_state_dict(state, strict=True)
     report = LoadReport(uri, raw.container, mapped.layout, len(state), dict(mapped.not_loaded))
     log.info(report.summary())
