@@ -44,6 +44,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -333,14 +334,35 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return buffer.getvalue()
 
 
+MANIFEST_FILE = "manifest.json"  # the settings of a mining output; its presence marks one
+
+
 class OutputLayout:
     """Paths of a mining output and the per-shard commit protocol."""
 
     def __init__(self, root: str):
         self.root = str(root).rstrip("/") if storage.is_remote(root) else str(root)
 
+    @classmethod
+    def find(cls, uri: str) -> OutputLayout | None:
+        """The mining output ``uri`` is (its root) or whose pairs it holds (its ``pairs/`` folder), else None."""
+        root = uri.rstrip("/")
+        parent = root.rsplit("/", 1)[0] if storage.is_remote(root) else os.path.dirname(os.path.abspath(root))
+        if storage.exists(storage.join(root, MANIFEST_FILE)):
+            return cls(root)
+        if root.rsplit("/", 1)[-1] == "pairs" and storage.exists(storage.join(parent, MANIFEST_FILE)):
+            return cls(parent)
+        return None
+
     def path(self, *parts: str) -> str:
         return storage.join(self.root, *parts)
+
+    def shard_file(self, kind: Literal["pairs", "errors"], index: int) -> str:
+        return self.path(kind, f"{shard_name(index)}.parquet")
+
+    def committed_files(self, kind: Literal["pairs", "errors"]) -> list[str]:
+        """The ``kind`` files of the committed shards, in shard order (never a crashed shard's leftovers)."""
+        return [self.shard_file(kind, index) for index in sorted(self.completed_shards())]
 
     def completed_shards(self) -> set[int]:
         fs, path = storage.filesystem(self.path("shards"))
@@ -352,13 +374,13 @@ class OutputLayout:
 
     def write_shard(self, shard: Shard, pairs: pa.Table, errors: pa.Table, counts: dict) -> None:
         """Errors, then pairs, then the marker: the shard is done only once all three exist."""
-        storage.write_bytes(self.path("errors", f"{shard.name}.parquet"), _parquet_bytes(errors))
-        storage.write_bytes(self.path("pairs", f"{shard.name}.parquet"), _parquet_bytes(pairs))
+        storage.write_bytes(self.shard_file("errors", shard.index), _parquet_bytes(errors))
+        storage.write_bytes(self.shard_file("pairs", shard.index), _parquet_bytes(pairs))
         storage.write_text(self.path("shards", f"{shard.name}.json"), json.dumps(counts, sort_keys=True))
 
     def check_manifest(self, settings: dict[str, Any]) -> None:
         """Write manifest.json, or refuse when an existing one was made with other settings."""
-        uri = self.path("manifest.json")
+        uri = self.path(MANIFEST_FILE)
         if storage.exists(uri):
             previous = json.loads(storage.read_bytes(uri))
             changed = settings_changes(previous, settings)
@@ -376,7 +398,7 @@ class OutputLayout:
         indices = sorted(self.completed_shards() if shards is None else shards)
         tables = []
         for index in indices:
-            fs, path = storage.filesystem(self.path(kind, f"{shard_name(index)}.parquet"))
+            fs, path = storage.filesystem(self.shard_file(kind, index))
             with fs.open(path, "rb") as handle:
                 tables.append(pq.read_table(handle, columns=columns))
         if not tables:

@@ -22,7 +22,15 @@ OUTLINE = (255, 220, 0)
 
 
 def pair_files(uri: str) -> list[str]:
-    """Parquet files of a mining output folder, its ``pairs/`` folder, or one Parquet file."""
+    """Parquet files of a mining output (its committed shards), a folder of Parquet, or one file."""
+    from .mining import OutputLayout
+
+    layout = OutputLayout.find(uri)
+    if layout is not None:
+        files = layout.committed_files("pairs")
+        if not files:
+            raise FileNotFoundError(f"the mining output {layout.root} has no finished shard yet")
+        return files
     nested = storage.join(uri, "pairs")
     if storage.exists(nested):
         uri = nested

@@ -212,25 +212,18 @@ def _filesystem(uri: str):
 def pair_files(uri: str) -> list[str]:
     """The Parquet to train on. For a mining output (its root or its ``pairs/`` folder) these are the
     pair files of the committed shards only: never its errors table nor a crashed shard's leftovers."""
-    from .data.coco import shard_name
     from .mining import OutputLayout
 
-    root = uri.rstrip("/")
-    parent = root.rsplit("/", 1)[0] if storage.is_remote(root) else os.path.dirname(os.path.abspath(root))
-    if storage.exists(storage.join(root, "manifest.json")):
-        mining_root = root
-    elif root.rsplit("/", 1)[-1] == "pairs" and storage.exists(storage.join(parent, "manifest.json")):
-        mining_root = parent
-    else:
+    layout = OutputLayout.find(uri)
+    if layout is None:
         return [uri]
-    layout = OutputLayout(mining_root)
-    done = sorted(layout.completed_shards())
-    if not done:
-        raise ValueError(f"the mining output {mining_root} has no finished shard yet")
+    files = layout.committed_files("pairs")
+    if not files:
+        raise ValueError(f"the mining output {layout.root} has no finished shard yet")
     summary_uri = layout.path("summary.json")
     if not (storage.exists(summary_uri) and json.loads(storage.read_bytes(summary_uri)).get("complete")):
-        logger.warning("training on the %d finished shards of the unfinished mining run %s", len(done), mining_root)
-    return [layout.path("pairs", f"{shard_name(index)}.parquet") for index in done]
+        logger.warning("training on the %d finished shards of the unfinished mining run %s", len(files), layout.root)
+    return files
 
 
 def load_pairs(config: TrainClipConfig):
