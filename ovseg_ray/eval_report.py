@@ -113,13 +113,16 @@ def write_confusion(out: str, result: dict, matrices: np.ndarray) -> None:
     storage.write_bytes(storage.join(out, result["benchmark"], "confusion.npz"), buffer.getvalue())
 
 
+def write_benchmark_report(out: str, name: str, result: dict) -> None:
+    """A finished benchmark's own ``results.json`` and per-class IoU chart under ``out/BENCHMARK/``."""
+    benchmark = result["benchmark"]
+    storage.write_text(storage.join(out, benchmark, "results.json"), json.dumps(result, indent=1))
+    title = f"{SHORT_NAMES[benchmark]}: {name} (lambda {result['lambda']}, threshold {result['mask_threshold']})"
+    storage.write_bytes(storage.join(out, benchmark, "per_class_iou.png"), iou_chart_png(result, title))
+
+
 def write_reports(config, results: dict) -> None:
-    """Write every output of the run so far under ``config.out``."""
+    """The run's ``results.json`` and ``table.md`` over the benchmarks finished so far."""
     out = config.out
-    for benchmark, result in results["benchmarks"].items():
-        storage.write_text(storage.join(out, benchmark, "results.json"), json.dumps(result, indent=1))
-        title = f"{SHORT_NAMES[benchmark]}: {results['name']} (lambda {result['lambda']}, " \
-                f"threshold {result['mask_threshold']})"
-        storage.write_bytes(storage.join(out, benchmark, "per_class_iou.png"), iou_chart_png(result, title))
     storage.write_text(storage.join(out, "results.json"), json.dumps(results, indent=1))
     storage.write_text(storage.join(out, "table.md"), markdown_table(results, config.paper_rows))

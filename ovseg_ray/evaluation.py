@@ -274,7 +274,7 @@ def evaluate_benchmark(config: EvalConfig, benchmark: str) -> tuple[dict, np.nda
 
 def run_evaluation(config: EvalConfig) -> dict:
     """Evaluate every configured benchmark; write ``results.json``, ``table.md`` and the per-class charts."""
-    from .eval_report import write_confusion, write_reports
+    from .eval_report import write_benchmark_report, write_confusion, write_reports
     from .raycluster import init_ray
 
     check_seen_classes(config)
@@ -284,6 +284,7 @@ def run_evaluation(config: EvalConfig) -> dict:
         result, matrices = evaluate_benchmark(config, benchmark)
         results["benchmarks"][benchmark] = result
         write_confusion(config.out, result, matrices)
+        write_benchmark_report(config.out, results["name"], result)
         write_reports(config, results)  # after each benchmark, so a later failure loses nothing
         counts = result["counts"]
         best = result["best"]
