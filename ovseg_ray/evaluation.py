@@ -29,7 +29,7 @@ from .device import is_device_failure
 
 logger = logging.getLogger(__name__)
 
-BenchmarkName = Literal["ade20k_847", "pascal_context_459", "ade20k_150", "pascal_context_59", "pascal_voc_20"]
+BenchmarkName = Literal[BENCHMARKS]  # one name of data.readers.BENCHMARKS
 
 EVAL_ROW_SCHEMA = pa.schema([
     ("image_uri", pa.string()),

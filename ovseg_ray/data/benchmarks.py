@@ -24,6 +24,9 @@ class ClassList(BaseModel):
     num_classes: int
     ignore_label: int
     label_format: str
+    image_dir: str  # detectron2 dataset layout, relative to the dataset root
+    gt_dir: str
+    gt_ext: str
     classes: list[str]
     clean_classes: list[str]
 

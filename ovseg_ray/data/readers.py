@@ -16,7 +16,6 @@ Label maps come back as int32 arrays with every ignore value turned into :data:`
 
 from __future__ import annotations
 
-import json
 import os
 import posixpath
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ import numpy as np
 
 from .. import storage
 from ..metrics import IGNORE_INDEX
-from .benchmarks import BENCHMARK_FILES, CLASSES_DIR, ClassList, class_list
+from .benchmarks import ClassList, class_list
 from .images import ImageDecodeError, decode_label_png
 
 # The five zero-shot benchmarks, in the column order of the paper's Table 1.
@@ -75,16 +74,15 @@ class BenchmarkLayout:
 def benchmark_layout(benchmark: str) -> BenchmarkLayout:
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
-    data = json.loads((CLASSES_DIR / BENCHMARK_FILES[benchmark]).read_text())
-    ignore = int(data["ignore_label"])
+    classes = class_list(benchmark)
     return BenchmarkLayout(
         benchmark=benchmark,
-        num_classes=int(data["num_classes"]),
-        ignore_label=ignore,
-        label_bits=8 if ignore == 255 else 16,
-        image_dir=data["image_dir"],
-        gt_dir=data["gt_dir"],
-        gt_ext=data["gt_ext"].lstrip("."),
+        num_classes=classes.num_classes,
+        ignore_label=classes.ignore_label,
+        label_bits=8 if classes.ignore_label == 255 else 16,
+        image_dir=classes.image_dir,
+        gt_dir=classes.gt_dir,
+        gt_ext=classes.gt_ext.lstrip("."),
         index_from=_INDEX_FROM[benchmark],
     )
 
