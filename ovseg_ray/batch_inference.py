@@ -62,14 +62,11 @@ class SegmenterActor:
     """A Ray Data callable class: builds the model once, then runs ``task`` on every row."""
 
     def __init__(self, model: ModelConfig, task: ImageTask):
-        import ray
-
+        from .device import worker_device
         from .inference import Segmenter
         from .models.ovseg import build_model
 
-        device = model.device
-        if device == "auto":  # follow what Ray granted, not what the node happens to have
-            device = "cuda" if ray.get_gpu_ids() else "cpu"
+        device = worker_device(model.device)
         self.segmenter = Segmenter(build_model(model.preset, weights=model.weights, device=device, seed=model.seed))
         self.task = task
 

@@ -32,6 +32,17 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
 
 
+def worker_device(name: str = "auto") -> torch.device:
+    """The device of a model inside a Ray actor or replica: ``auto`` follows the GPUs Ray granted it
+    (not what the node happens to have); other names as :func:`resolve_device`."""
+    import ray
+    import torch
+
+    if (name or "auto").strip().lower() == "auto" and ray.is_initialized():
+        return torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+    return resolve_device(name)  # outside Ray: what this machine has
+
+
 def is_device_failure(exc: BaseException) -> bool:
     """A failure of the accelerator rather than of the input (out of memory, a broken CUDA context).
 

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from ovseg_ray.batch_segment import SegmentTask
-from ovseg_ray.device import check_capacity, cluster_can_grow, is_device_failure, resolve_device, resolve_num_gpus
+from ovseg_ray.device import (check_capacity, cluster_can_grow, is_device_failure, resolve_device, resolve_num_gpus,
+                              worker_device)
 
 
 def test_fixed_local_cluster_refuses_what_it_cannot_hold(ray_session):
@@ -62,3 +63,16 @@ def test_device_failures_fail_the_task_while_bad_images_are_recorded(tmp_path):
     assert recorded["status"] == "error" and "size mismatch" in recorded["reason"]
     with pytest.raises(torch.cuda.OutOfMemoryError):
         task.process(FailingSegmenter(torch.cuda.OutOfMemoryError("CUDA out of memory")), row)
+
+
+def test_worker_device_follows_what_ray_granted(ray_session):
+    import ray
+
+    @ray.remote(num_gpus=0, num_cpus=0.1)
+    def device_in_a_task(name):
+        return str(worker_device(name))
+
+    assert ray.get(device_in_a_task.remote("auto")) == "cpu"  # no GPU granted: CPU, whatever the node has
+    assert ray.get(device_in_a_task.remote("cpu")) == "cpu"
+    with pytest.raises(ValueError, match="unknown device 'tpu9'"):
+        worker_device("tpu9")

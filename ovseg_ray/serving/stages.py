@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..device import resolve_device
+from ..device import worker_device
 from ..inference import Proposals, Segmenter
 from ..models.ovseg import build_model
 from .config import ModelSettings
@@ -40,7 +40,7 @@ def load_segmenter(settings: ModelSettings, stage: Stage = "all") -> Segmenter:
         for name in ("transformer", "token_embedding", "ln_final", "positional_embedding", "text_projection"):
             if getattr(model.clip, name, None) is not None:
                 setattr(model.clip, name, None)
-    model.to(resolve_device(settings.device))
+    model.to(worker_device(settings.device))
     return segmenter
 
 
