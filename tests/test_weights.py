@@ -28,7 +28,7 @@ from ovseg_ray.models.clip import create_clip
 from ovseg_ray.models.ovseg import build_model, load_weights
 from ovseg_ray.weights import (RawCheckpoint, load_clip_weights, load_manifest, load_model_weights, map_to_ours,
                                read_tensors)
-from ovseg_ray.weights.loading import _preset_hint, fit_state
+from ovseg_ray.weights.loading import preset_hint, fit_state
 from ovseg_ray.weights.readers import safetensors_metadata
 from ovseg_ray.weights.manifests import derive
 
@@ -344,9 +344,9 @@ def test_mismatches_in_files_are_named_and_wrong_preset_is_pointed_out(tmp_path,
     # a release checkpoint of another preset is recognised from its shapes (meta tensors: no memory)
     swin_like = {k: torch.empty(v, device="meta") for k, v in load_manifest("swinb-vitl14").keys.items()}
     raw = RawCheckpoint("swin.pth", "torch", swin_like)
-    assert _preset_hint(raw, map_to_ours(swin_like, "swin.pth"), model) == \
+    assert preset_hint(raw, map_to_ours(swin_like, "swin.pth"), model) == \
         "this checkpoint was made for preset 'swinb-vitl14', the model is 'tiny'"
-    assert _preset_hint(RawCheckpoint("t.pth", "torch", release), map_to_ours(release, "t.pth"), model) == ""
+    assert preset_hint(RawCheckpoint("t.pth", "torch", release), map_to_ours(release, "t.pth"), model) == ""
 
 
 # ---- acceptance 4: convert then segment, local and S3 -------------------------------------------------

@@ -17,9 +17,10 @@ import torch
 
 from .checkpoint import save_checkpoint
 from .errors import CheckpointError
+from ..config import check_model_preset
 from ..models.ovseg import build_model, load_preset, preset_names
 from .keymaps import OURS, RELEASE
-from .loading import fit_state, read_mapped
+from .loading import preset_hint, fit_state, read_mapped
 from .manifest import manifest_presets, match_release_preset
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def convert_checkpoint(
         f"preset {preset}")
     model = build_model(load_preset(preset))
     expected = model.state_dict()
-    hint = _other_preset_hint(raw.tensors, mapped.layout, preset)
+    hint = preset_hint(raw, mapped, model)
     not_loaded = dict(mapped.not_loaded)
     if clip_weights:
         if mapped.is_clip_only:
@@ -99,9 +100,7 @@ def convert_checkpoint(
 def _resolve_preset(preset: str | None, recorded: str | None, tensors: dict[str, torch.Tensor],
                     mapped, source: str) -> str:
     if preset:
-        if preset not in preset_names():
-            raise ValueError(f"unknown model preset {preset!r}; choose one of {', '.join(preset_names())}")
-        return preset
+        return check_model_preset(preset)
     if mapped.layout == RELEASE:
         found = match_release_preset({k: tuple(v.shape) for k, v in tensors.items()})
         if found:
@@ -114,10 +113,3 @@ def _resolve_preset(preset: str | None, recorded: str | None, tensors: dict[str,
     kind = "CLIP weights" if mapped.is_clip_only else "a checkpoint without a recorded preset"
     raise ValueError(f"{source} holds {kind}: give --preset ({', '.join(preset_names())}; "
                      f"r101c-vitb16 has CLIP ViT-B/16, swinb-vitl14 ViT-L/14)")
-
-
-def _other_preset_hint(tensors: dict[str, torch.Tensor], layout: str, preset: str) -> str:
-    if layout != RELEASE:
-        return ""
-    found = match_release_preset({k: tuple(v.shape) for k, v in tensors.items()})
-    return f"this is a release checkpoint of preset {found!r}, not {preset!r}" if found and found != preset else ""

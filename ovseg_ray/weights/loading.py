@@ -98,7 +98,7 @@ def load_model_weights(model, uri: str, any_prompt_depth: bool = False) -> LoadR
             f"`ovseg-ray convert FULL_CHECKPOINT OUT.safetensors --clip-weights {uri}`"
         )
     state = fit_state(model.state_dict(), mapped, uri, any_prompt_depth=any_prompt_depth,
-                      hint=_preset_hint(raw, mapped, model))
+                      hint=preset_hint(raw, mapped, model))
     model.load_state_dict(state, strict=True)
     report = LoadReport(uri, raw.container, mapped.layout, len(state), dict(mapped.not_loaded))
     log.info(report.summary())
@@ -119,7 +119,7 @@ def load_clip_weights(model, uri: str) -> LoadReport:
     return report
 
 
-def _preset_hint(raw: RawCheckpoint, mapped: MappedState, model) -> str:
+def preset_hint(raw: RawCheckpoint, mapped: MappedState, model) -> str:
     """A line for mismatch errors when the file plainly belongs to another preset."""
     if mapped.layout == RELEASE:
         preset = match_release_preset({k: tuple(v.shape) for k, v in raw.tensors.items()})
