@@ -179,10 +179,15 @@ def _parse_value(raw: str, as_list: bool) -> Any:
     return value
 
 
-def config_from_args(args: argparse.Namespace, model: type[T]) -> T:
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given as flags (see :func:`add_config_arguments`), as dotted overrides."""
     overrides = {}
     for key, raw in vars(args).items():
         if key.startswith("cfg:") and raw is not None:
             dotted = key[4:]
             overrides[dotted] = _parse_value(raw, bool(getattr(args, f"list:{dotted}", False)))
-    return load_config(model, getattr(args, "config", None), overrides)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace, model: type[T]) -> T:
+    return load_config(model, getattr(args, "config", None), overrides_from_args(args))

@@ -28,7 +28,7 @@ from ovseg_ray.models.clip import create_clip
 from ovseg_ray.models.ovseg import build_model, load_weights
 from ovseg_ray.weights import (RawCheckpoint, load_clip_weights, load_manifest, load_model_weights, map_to_ours,
                                read_tensors)
-from ovseg_ray.weights.loading import preset_hint, fit_state
+from ovseg_ray.weights.loading import fit_state, preset_hint
 from ovseg_ray.weights.readers import safetensors_metadata
 from ovseg_ray.weights.manifests import derive
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..config import add_config_arguments, config_from_args
-from ..serving.config import ServeConfig, is_serve_deploy_file, load_serve_config
+from ..config import add_config_arguments, overrides_from_args
+from ..serving.config import ServeConfig, load_serve_config
 
 
 def register(subparsers) -> None:
@@ -27,25 +27,8 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _read_config(args: argparse.Namespace) -> ServeConfig:
-    import yaml
-
-    if args.config and os.path.exists(args.config):
-        with open(args.config) as handle:
-            try:
-                data = yaml.safe_load(handle)
-            except yaml.YAMLError:
-                data = None  # reported with its position by config_from_args below
-        if is_serve_deploy_file(data):
-            flags = sorted(k[4:] for k, v in vars(args).items() if k.startswith("cfg:") and v is not None)
-            if flags:
-                raise ValueError(f"flags ({', '.join(flags)}) cannot override a serve deploy file; edit its args")
-            return load_serve_config(args.config)
-    return config_from_args(args, ServeConfig)
-
-
 def run(args: argparse.Namespace) -> int:
-    config = _read_config(args)
+    config = load_serve_config(args.config, overrides_from_args(args))
     from ..raycluster import init_ray
     from ..serving.app import deploy, serve_until_stopped
 

@@ -193,7 +193,7 @@ def _from_deploy_file(data: dict[str, Any], path: str, app_name: str | None) -> 
 def load_serve_config(
     path: str | Path | None = None, overrides: dict[str, Any] | None = None, app_name: str | None = None
 ) -> ServeConfig:
-    """A ServeConfig from our YAML layout or from a ``serve deploy`` file, plus dotted overrides."""
+    """A ServeConfig from our YAML layout plus dotted overrides, or from a ``serve deploy`` file as it is."""
     if path is None:
         return load_config(ServeConfig, None, overrides)
     try:
@@ -204,8 +204,11 @@ def load_serve_config(
         raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
     if not is_serve_deploy_file(data):
         return load_config(ServeConfig, path, overrides)
+    if overrides:
+        raise ConfigError(f"flags ({', '.join(sorted(overrides))}) cannot override a serve deploy file; "
+                          f"edit its args")
     fields = _from_deploy_file(data, str(path), app_name)
     try:
-        return load_config(ServeConfig, None, {**fields, **(overrides or {})})
+        return load_config(ServeConfig, None, fields)
     except ConfigError as exc:
         raise ConfigError(f"{path} (application args): {exc}") from None

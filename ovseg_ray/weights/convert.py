@@ -20,7 +20,7 @@ from .errors import CheckpointError
 from ..config import check_model_preset
 from ..models.ovseg import build_model, load_preset, preset_names
 from .keymaps import OURS, RELEASE
-from .loading import preset_hint, fit_state, read_mapped
+from .loading import fit_state, preset_hint, read_mapped
 from .manifest import manifest_presets, match_release_preset
 
 log = logging.getLogger(__name__)
