@@ -32,10 +32,16 @@ def palette(num_classes: int) -> np.ndarray:
     return np.array(colours, dtype=np.uint8).reshape(-1, 3)
 
 
+def compact_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """The label map as uint8 (up to 256 classes) or uint16 (up to 65536): what a label PNG stores."""
+    if num_classes > 65536:
+        raise ValueError(f"{num_classes} classes do not fit a 16-bit label map (at most 65536)")
+    return labels.astype(np.uint8 if num_classes <= 256 else np.uint16, copy=False)
+
+
 def label_png(labels: np.ndarray, num_classes: int) -> bytes:
     """Class index per pixel: 8-bit PNG up to 256 classes, 16-bit beyond."""
-    dtype = np.uint8 if num_classes <= 256 else np.uint16
-    return encode_png(labels.astype(dtype))
+    return encode_png(compact_labels(labels, num_classes))
 
 
 def overlay_png(image: np.ndarray, labels: np.ndarray, classes: list[str], alpha: float = 0.55) -> bytes:

@@ -20,6 +20,7 @@ import torch
 from ..device import worker_device
 from ..inference import Proposals, Segmenter
 from ..models.ovseg import build_model
+from ..outputs import compact_labels
 from .config import ModelSettings
 
 Stage = Literal["proposals", "regions", "all"]
@@ -47,15 +48,6 @@ def load_segmenter(settings: ModelSettings, stage: Stage = "all") -> Segmenter:
 def _tensor(array: np.ndarray) -> torch.Tensor:
     """A tensor of ``array``; arrays from Ray's object store are read-only, so those are copied."""
     return torch.from_numpy(np.require(array, requirements="W"))
-
-
-def compact_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """The label map in the smallest unsigned type that holds ``num_classes`` indices."""
-    if num_classes <= 256:
-        return labels.astype(np.uint8)
-    if num_classes <= 65536:
-        return labels.astype(np.uint16)
-    return labels.astype(np.int32)
 
 
 @dataclass
