@@ -114,10 +114,13 @@ class MiningConfig(StrictModel):
             "max_images": self.max_images, "num_images": num_images, "dataset_fingerprint": dataset_fingerprint,
             "shard_size": self.shard_size, "mask_threshold": threshold, "min_mask_pixels": self.min_mask_pixels,
             "min_score": self.min_score, "max_image_pixels": self.max_image_pixels, "seed": self.seed,
-            "nouns": self.nouns.model_dump(),
-            "proposal_model": self.proposals.preset, "proposal_weights": self.proposals.weights or "",
-            "clip_model": self.matching.preset, "clip_weights": self.matching.weights or "",
+            "nouns": self.nouns.model_dump(), **self.provenance(),
         }
+
+    def provenance(self) -> dict[str, str]:
+        """The models behind the pairs: in manifest.json and in every pair row."""
+        return {"proposal_model": self.proposals.preset, "proposal_weights": self.proposals.weights or "",
+                "clip_model": self.matching.preset, "clip_weights": self.matching.weights or ""}
 
 
 class InjectedFailure(RuntimeError):
@@ -648,9 +651,7 @@ def mine_pairs(config: MiningConfig) -> MiningResult:
         for pool in pools:
             logger.info("actor pool %s", pool.describe())
         ds = build_pipeline(config, todo, threshold, pools)
-        provenance = {"proposal_model": config.proposals.preset, "proposal_weights": config.proposals.weights or "",
-                      "clip_model": config.matching.preset, "clip_weights": config.matching.weights or ""}
-        _collect_and_write(ds, ShardCollector(todo, provenance), layout, config, progress)
+        _collect_and_write(ds, ShardCollector(todo, config.provenance()), layout, config, progress)
         stats = "".join(f"actor pool {pool.describe()}\n" for pool in pools) + "\n" + _verbose_stats(ds)
         storage.write_text(layout.path("ray_data_stats.txt"), stats)
 

@@ -24,8 +24,6 @@ from .. import storage
 class CaptionedImage:
     image_id: int
     uri: str
-    height: int
-    width: int
     captions: tuple[str, ...]  # in annotation id order, at most ``captions_per_image``
 
 
@@ -58,25 +56,22 @@ class CocoCaptions:
             raise ValueError(f"max_images must be at least 1, got {max_images}")
         # Local roots become absolute: the URIs are written into the pairs and read elsewhere later.
         self.images_root = str(images) if storage.is_remote(str(images)) else os.path.abspath(str(images))
-        self.captions_uri = str(captions)
-        self.coco = load_coco(captions)
-        ids = sorted(self.coco.imgs)
+        coco = load_coco(captions)  # not kept: the driver holds only the images used
+        ids = sorted(coco.imgs)
         if max_images is not None:
             ids = ids[:max_images]
         self.images: list[CaptionedImage] = []
         for image_id in ids:
-            info = self.coco.imgs[image_id]
+            info = coco.imgs[image_id]
             if "file_name" not in info:
                 raise ValueError(f"{captions}: image {image_id} has no file_name")
-            anns = sorted(self.coco.imgToAnns.get(image_id, []), key=lambda a: a["id"])
+            anns = sorted(coco.imgToAnns.get(image_id, []), key=lambda a: a["id"])
             texts = tuple(t for t in (str(a.get("caption", "")).strip() for a in anns) if t)
             if captions_per_image is not None:
                 texts = texts[:captions_per_image]
             self.images.append(CaptionedImage(
                 image_id=int(image_id),
                 uri=storage.join(self.images_root, info["file_name"]),
-                height=int(info.get("height", 0)),
-                width=int(info.get("width", 0)),
                 captions=texts,
             ))
 
