@@ -6,7 +6,7 @@
 - ``load_manifest``: the key -> shape manifests of the release checkpoints (``manifests/``).
 """
 
-from .checkpoint import check_and_load, read_checkpoint, save_checkpoint
+from .checkpoint import read_checkpoint, save_checkpoint
 from .errors import CheckpointError, CheckpointMismatchError
 from .keymaps import CLIP, OURS, RELEASE, MappedState, map_to_ours
 from .loading import LoadReport, load_clip_weights, load_model_weights, read_mapped
@@ -14,7 +14,7 @@ from .manifest import Manifest, load_manifest, manifest_presets, match_release_p
 from .readers import RawCheckpoint, read_tensors
 
 __all__ = [
-    "CheckpointError", "CheckpointMismatchError", "check_and_load", "read_checkpoint", "save_checkpoint",
+    "CheckpointError", "CheckpointMismatchError", "read_checkpoint", "save_checkpoint",
     "CLIP", "OURS", "RELEASE", "LoadReport", "Manifest", "MappedState", "RawCheckpoint",
     "load_clip_weights", "load_manifest", "load_model_weights", "manifest_presets",
     "map_to_ours", "match_release_preset", "read_mapped", "read_tensors",

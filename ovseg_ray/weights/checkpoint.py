@@ -51,16 +51,6 @@ def check_state(
         raise CheckpointMismatchError(source, missing, unexpected, mismatched, hint)
 
 
-def check_and_load(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, **check) -> None:
-    """Load ``state_dict`` strictly; any missing, unexpected or mis-shaped key is an error naming it.
-
-    Extra keyword arguments go to ``check_state`` (e.g. ``describe`` for source-side key names;
-    keys named ``optional`` that the checkpoint lacks keep the module's current values).
-    """
-    check_state(module.state_dict(), state_dict, source, **check)
-    module.load_state_dict(dict(state_dict), strict=not check.get("optional"))
-
-
 def save_checkpoint(module_or_state: torch.nn.Module | Mapping[str, torch.Tensor], uri: str,
                     metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors checkpoint (tensors made contiguous, moved to CPU, given storage of their own)."""

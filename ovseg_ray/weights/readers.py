@@ -195,8 +195,6 @@ def _is_torchscript(archive: zipfile.ZipFile) -> bool:
 class ScriptObject:
     """Inert stand-in for a TorchScript class instance: it only keeps the pickled attributes."""
 
-    qualified_name = "?"
-
     def __setstate__(self, state: Any) -> None:
         self.attributes = state if isinstance(state, Mapping) else {}
 
@@ -240,14 +238,10 @@ class _TorchScriptUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self.archive, self.prefix, self.source = archive, prefix, source
         self.storages: dict[str, torch.Tensor] = {}
-        self.classes: dict[str, type] = {}
 
     def find_class(self, module: str, name: str):
         if module.startswith("__torch__"):
-            qualified = f"{module}.{name}"
-            if qualified not in self.classes:
-                self.classes[qualified] = type(name, (ScriptObject,), {"qualified_name": qualified})
-            return self.classes[qualified]
+            return ScriptObject
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
         if (module, name) in self.ALLOWED:
