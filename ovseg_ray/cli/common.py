@@ -3,8 +3,23 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
-from ..models.text import clean_class_names, read_class_file
+from pydantic import BaseModel
+
+from ..config import add_config_arguments
+
+
+def add_config_command(subparsers, name: str, help: str, description: str, config: type[BaseModel],
+                       run: Callable[[argparse.Namespace], int], ray_address: bool = False) -> None:
+    """A command whose flags are the fields of ``config`` (plus ``--config FILE``), optionally ``--address``."""
+    parser = subparsers.add_parser(name, help=help, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    if ray_address:
+        parser.add_argument("--address", default=None,
+                            help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray on this machine)")
+    add_config_arguments(parser, config)
+    parser.set_defaults(func=run)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +38,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_class_names(classes: str | None, classes_file: str | None) -> list[str]:
     """Class names from ``--classes`` or ``--classes-file`` (one per line, blank lines skipped)."""
+    from ..models.text import clean_class_names, read_class_file
+
     if classes and classes_file:
         raise ValueError("give either --classes or --classes-file, not both")
     if classes_file:

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import add_config_arguments, config_from_args
+from ..config import config_from_args
+from .common import add_config_command
 
 
 def register(subparsers) -> None:
     from ..evaluation import EvalConfig
 
-    parser = subparsers.add_parser("eval", help="zero-shot evaluation on the standard benchmarks",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, EvalConfig)
-    parser.set_defaults(func=run)
+    add_config_command(subparsers, "eval", "zero-shot evaluation on the standard benchmarks", __doc__, EvalConfig, run)
 
 
 def run(args: argparse.Namespace) -> int:

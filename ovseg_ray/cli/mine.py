@@ -11,18 +11,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import add_config_arguments, config_from_args
+from ..config import config_from_args
 from ..mining import MiningConfig
+from .common import add_config_command
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "mine", help="mine (masked region, noun) training pairs on Ray Data", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_arguments(parser, MiningConfig)
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-    parser.set_defaults(func=run)
+    add_config_command(subparsers, "mine", "mine (masked region, noun) training pairs on Ray Data", __doc__,
+                       MiningConfig, run, ray_address=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import add_config_arguments, config_from_args
+from ..config import config_from_args
+from .common import add_config_command
 
 
 def register(subparsers) -> None:
     from ..batch_segment import SegmentBatchConfig
 
-    parser = subparsers.add_parser("segment-batch", help="segment a folder or s3:// prefix of images on Ray",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, SegmentBatchConfig)
-    parser.set_defaults(func=run)
+    add_config_command(subparsers, "segment-batch", "segment a folder or s3:// prefix of images on Ray", __doc__,
+                       SegmentBatchConfig, run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,19 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from ..config import add_config_arguments, overrides_from_args
+from ..config import overrides_from_args
 from ..serving.config import ServeConfig, load_serve_config
+from .common import add_config_command
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "serve", help="run the HTTP segmentation service (blocks until Ctrl-C)", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray on this machine)")
-    add_config_arguments(parser, ServeConfig)
-    parser.set_defaults(func=run)
+    add_config_command(subparsers, "serve", "run the HTTP segmentation service (blocks until Ctrl-C)", __doc__,
+                       ServeConfig, run, ray_address=True)
 
 
 def run(args: argparse.Namespace) -> int:

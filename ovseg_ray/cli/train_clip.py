@@ -18,18 +18,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import add_config_arguments, config_from_args
+from ..config import config_from_args
 from ..training import TrainClipConfig
+from .common import add_config_command
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "train-clip", help="fine-tune the masked CLIP on mined pairs (Ray Train)", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_arguments(parser, TrainClipConfig)
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
-    parser.set_defaults(func=run)
+    add_config_command(subparsers, "train-clip", "fine-tune the masked CLIP on mined pairs (Ray Train)", __doc__,
+                       TrainClipConfig, run, ray_address=True)
 
 
 def run(args: argparse.Namespace) -> int:
