@@ -1,15 +1,25 @@
-"""Two-stage classification and fusion (OVSeg, section 3.1).
+"""Two-stage classification and fusion (OVSeg section 3.1), as the official evaluation computes them.
 
-``p = p_maskformer ** (1 - lambda) * p_clip ** lambda``: lambda = 0 is MaskFormer only, lambda = 1 is
-CLIP only. Proposals whose binarised mask is empty have no CLIP region; they keep the MaskFormer
-probability (their CLIP term is taken to be p_maskformer). Fusion sums class probabilities times
-sigmoid masks over queries and takes the argmax per pixel.
+Ensemble: ``p = p_maskformer ** (1 - lambda) * p_clip ** lambda`` per query. A proposal whose binary
+mask is empty has no CLIP region; its CLIP term is 1 (the official code starts from a tensor of ones),
+so it keeps ``p_maskformer ** (1 - lambda)`` and its sigmoid mask still enters the fusion. lambda = 0
+is MaskFormer only; lambda = 1 is the official "CLIP only" result: only the proposals with a region,
+each with its CLIP probabilities.
+
+Fusion: ``score[c, h, w] = sum_q p[q, c] * mask[q, h, w]`` at the processing size (the resized image
+the MaskFormer saw), then the (C, h, w) score map is resized bilinearly to the output size
+(detectron2's ``sem_seg_postprocess``) and the argmax taken. Both happen a band of output rows at a
+time, each band computed from the processing-size rows it needs, so 847 classes on a 12-megapixel
+photo never hold a full-resolution (C, H, W) map.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+#: Label of pixels no selected proposal covers (the official demo inference leaves them unlabelled).
+UNLABELLED = -1
 
 
 def cosine_logits(embeddings: torch.Tensor, text: torch.Tensor, temperature: float = 100.0) -> torch.Tensor:
@@ -39,62 +49,140 @@ def clip_probs(region_embeddings: torch.Tensor, text: torch.Tensor, temperature:
 
 def ensemble_probs(
     p_maskformer: torch.Tensor, p_clip: torch.Tensor, valid: torch.Tensor, lam: float
-) -> torch.Tensor:
-    """Geometric ensemble per query; ``p_clip`` has one row per ``valid`` query."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Geometric ensemble: the (P, C) probabilities and the (P,) query indices they belong to.
+
+    ``p_clip`` has one row per ``valid`` query. Every query is kept except at lambda = 1, where only
+    the valid ones are (the official CLIP-only inference drops the others from the fusion).
+    """
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"lambda must be within [0, 1], got {lam}")
+    valid = valid.to(p_maskformer.device)
     if int(valid.sum()) != p_clip.shape[0]:
         raise ValueError(f"{int(valid.sum())} valid proposals but {p_clip.shape[0]} CLIP rows")
-    clip_full = p_maskformer.clone()
-    clip_full[valid] = p_clip.to(p_maskformer.dtype)
+    every = torch.arange(p_maskformer.shape[0], device=p_maskformer.device)
     if lam == 0.0:
-        return p_maskformer
+        return p_maskformer, every
     if lam == 1.0:
-        return clip_full
-    return p_maskformer.pow(1.0 - lam) * clip_full.pow(lam)
+        return p_clip.to(p_maskformer.dtype), every[valid]
+    clip_full = torch.ones_like(p_maskformer)
+    clip_full[valid] = p_clip.to(p_maskformer.dtype)
+    return p_maskformer.pow(1.0 - lam) * clip_full.pow(lam), every
 
 
-def semantic_scores(probs: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
-    """(C, H, W) = sum over queries of class probability times sigmoid mask."""
-    return torch.einsum("qc,qhw->chw", probs, mask_logits.sigmoid())
+def demo_selection(probs: torch.Tensor, skip_last_class: bool = False) -> torch.Tensor:
+    """The official demo's query selection: each class's highest-probability query keeps its whole
+    probability row, every other row becomes zero. ``skip_last_class``: the class appended as
+    "others" to a one-name vocabulary picks no query of its own."""
+    best = probs.argmax(dim=0)
+    if skip_last_class:
+        best = best[:-1]
+    selected = torch.zeros_like(probs)
+    selected[best] = probs[best]
+    return selected
 
 
-def _linear_taps(in_size: int, out_size: int, device: torch.device):
-    """Source rows (lo, hi) and weight of hi for a bilinear, align_corners=False resize (as F.interpolate)."""
-    scale = in_size / out_size
-    src = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * scale - 0.5).clamp(min=0)
-    lo = src.floor().long().clamp(max=in_size - 1)
-    hi = (lo + 1).clamp(max=in_size - 1)
-    return lo, hi, (src - lo).float()
+def semantic_scores(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(C, h, w) = sum over queries of class probability times mask (sigmoid or binary)."""
+    return torch.einsum("qc,qhw->chw", probs, masks)
 
 
-def semantic_labels(
+def linear_taps(in_size: int, out_size: int, device: torch.device):
+    """Source indices (lo, hi) and weights (w_lo, w_hi) of a bilinear, align_corners=False resize.
+
+    Float32 arithmetic as in PyTorch's CPU kernel: scale = in / out, source = scale * (dst + 0.5) - 0.5
+    rounded once (the kernel's fused multiply-add), clamped at 0.
+    """
+    scale = torch.tensor(in_size, dtype=torch.float32) / torch.tensor(out_size, dtype=torch.float32)
+    dst = torch.arange(out_size, device=device, dtype=torch.float64)
+    src = (scale.double().item() * (dst + 0.5) - 0.5).float().clamp(min=0)
+    lo = src.long()
+    w_hi = (src - lo.float()).clamp(0, 1)
+    hi = torch.where(lo < in_size - 1, lo + 1, lo)
+    return lo, hi, 1.0 - w_hi, w_hi
+
+
+def _mask_rows(mask_logits: torch.Tensor, start: int, stop: int, binary_threshold: float | None) -> torch.Tensor:
+    rows = mask_logits[:, start:stop].float().sigmoid()
+    return rows if binary_threshold is None else (rows > binary_threshold).float()
+
+
+class _ResizedRows:
+    """Processing-size score rows resized along x to the output width, each computed once and kept
+    while later output rows still need it (output rows advance, so the needed rows only move down)."""
+
+    def __init__(self, probs, mask_logits, out_w: int, binary_threshold: float | None):
+        self.probs, self.mask_logits, self.out_w, self.binary_threshold = probs, mask_logits, out_w, binary_threshold
+        self.rows: dict[int, torch.Tensor] = {}  # input row -> (C, out_w)
+
+    def get(self, first: int, last: int) -> dict[int, torch.Tensor]:
+        """Input rows first..last, resized along x; rows above ``first`` are dropped."""
+        for row in [r for r in self.rows if r < first]:
+            del self.rows[row]
+        start = max(self.rows, default=first - 1) + 1
+        if start <= last:
+            scores = semantic_scores(self.probs, _mask_rows(self.mask_logits, start, last + 1, self.binary_threshold))
+            # F.interpolate with the row count unchanged is the exact identity on rows: PyTorch's own
+            # kernel computes the x taps, as it does for the whole map.
+            resized = F.interpolate(scores[None], size=(scores.shape[1], self.out_w), mode="bilinear",
+                                    align_corners=False)[0]
+            self.rows.update({start + i: resized[:, i] for i in range(resized.shape[1])})
+        return self.rows
+
+
+def fused_labels(
     probs: torch.Tensor,
     mask_logits: torch.Tensor,
     output_size: tuple[int, int] | None = None,
-    max_chunk_elements: int = 32_000_000,
+    binary_threshold: float | None = None,
+    blank_unlabelled: bool = False,
+    max_chunk_elements: int = 24_000_000,
 ) -> torch.Tensor:
-    """Per-pixel argmax of :func:`semantic_scores`, optionally at a larger ``output_size``.
+    """Per-pixel argmax of the fused score map, resized bilinearly to ``output_size``.
 
-    The mask logits are resized bilinearly (exactly as ``F.interpolate`` with align_corners=False)
-    a band of output rows at a time, so neither Q x H x W logits nor C x H x W scores ever exist at
-    once: a 12-megapixel photo with 847 classes stays within a few hundred MB.
+    ``probs`` (P, C) belong to the P rows of ``mask_logits`` (P, h, w) at the processing size. Masks
+    enter as ``sigmoid(logits)``, or binarised at ``binary_threshold`` (the demo inference). The result
+    equals ``argmax(interpolate(semantic_scores(...)))`` up to float rounding; ``blank_unlabelled``
+    marks pixels where the first class scores exactly 0 (no selected mask covers them: the official
+    demo) as :data:`UNLABELLED`. About ``max_chunk_elements`` floats are alive at a time.
     """
     queries, height, width = mask_logits.shape
+    classes = probs.shape[1]
     out_h, out_w = output_size or (height, width)
-    rows_per_chunk = max(1, max_chunk_elements // ((queries + probs.shape[1]) * out_w))
-    labels = torch.empty((out_h, out_w), dtype=torch.long, device=mask_logits.device)
-    same_size = (out_h, out_w) == (height, width)
-    if not same_size:
-        row_lo, row_hi, row_w = _linear_taps(height, out_h, mask_logits.device)
-        col_lo, col_hi, col_w = _linear_taps(width, out_w, mask_logits.device)
+    device = mask_logits.device
+    labels = torch.empty((out_h, out_w), dtype=torch.long, device=device)
+    probs = probs.float()
+    if queries == 0:
+        labels.fill_(UNLABELLED if blank_unlabelled else 0)
+        return labels
+    if (out_h, out_w) == (height, width):
+        rows_per_chunk = max(1, max_chunk_elements // ((queries + classes) * width))
+        for start in range(0, height, rows_per_chunk):
+            stop = min(start + rows_per_chunk, height)
+            scores = semantic_scores(probs, _mask_rows(mask_logits, start, stop, binary_threshold))
+            labels[start:stop] = _argmax(scores, blank_unlabelled)
+        return labels
+    row_lo, row_hi, row_w0, row_w1 = linear_taps(height, out_h, device)
+    lo, hi, w0, w1 = row_lo.tolist(), row_hi.tolist(), row_w0.tolist(), row_w1.tolist()
+    # Alive at a time: the resized input rows a band needs (about b * height / out_h + 2 for b output
+    # rows) and the band, each row C x out_w floats.
+    per_band_row = classes * out_w * (1 + height / out_h)
+    rows_per_chunk = max(1, int((max_chunk_elements - 2 * classes * out_w) // per_band_row))
+    resized = _ResizedRows(probs, mask_logits, out_w, binary_threshold)
+    band = torch.empty((classes, rows_per_chunk, out_w), device=device)
     for start in range(0, out_h, rows_per_chunk):
         stop = min(start + rows_per_chunk, out_h)
-        if same_size:
-            band = mask_logits[:, start:stop]
-        else:
-            w = row_w[start:stop].view(1, -1, 1)
-            rows = mask_logits[:, row_lo[start:stop]] * (1 - w) + mask_logits[:, row_hi[start:stop]] * w
-            band = rows[:, :, col_lo] * (1 - col_w) + rows[:, :, col_hi] * col_w
-        labels[start:stop] = semantic_scores(probs, band).argmax(dim=0)
+        rows = resized.get(lo[start], hi[stop - 1])
+        for out_row in range(start, stop):  # y taps: one weighted sum of two resized rows per output row
+            target = band[:, out_row - start]
+            torch.mul(rows[lo[out_row]], w0[out_row], out=target)
+            target.add_(rows[hi[out_row]], alpha=w1[out_row])
+        labels[start:stop] = _argmax(band[:, : stop - start], blank_unlabelled)
+    return labels
+
+
+def _argmax(scores: torch.Tensor, blank_unlabelled: bool) -> torch.Tensor:
+    labels = scores.max(dim=0).indices  # first maximum, as argmax (and several times faster over dim 0)
+    if blank_unlabelled:
+        labels[scores[0] == 0] = UNLABELLED
     return labels
