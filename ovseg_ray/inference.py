@@ -2,9 +2,10 @@
 
 The stages are separate methods so that serving can run them in different processes:
 :meth:`Segmenter.propose` (MaskFormer), :meth:`Segmenter.classify_regions` (masked CLIP) and
-:meth:`Segmenter.fuse` (ensemble + per-pixel argmax). :meth:`Segmenter.segment` chains them.
+:meth:`Segmenter.fuse` (ensemble + fusion + per-pixel argmax). :meth:`Segmenter.segment` chains them.
+Every step follows the official evaluation inference (``models/ensemble.py``, ``models/regions.py``);
+``mode="demo"`` gives the official demo's instead (:meth:`Segmenter.fuse_demo`).
 """
-
 from __future__ import annotations
 
 import time
@@ -13,8 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from .models.ensemble import clip_probs, ensemble_probs, maskformer_probs, semantic_labels
+from .models.ensemble import UNLABELLED, clip_probs, demo_selection, ensemble_probs, fused_labels, maskformer_probs
+from .models.official import DEMO_MASK_THRESHOLD, INFERENCE_MODES
 from .models.ovseg import OVSegModel
 from .models.regions import RegionPreprocessor
 from .models.text import TextEmbedder, clean_class_names
@@ -34,32 +37,74 @@ class Proposals:
 
 @dataclass
 class SegmentationResult:
-    labels: np.ndarray  # (H, W) int32 class index per pixel, at the input image's size
+    labels: np.ndarray  # (H, W) int32 class index per pixel at the input image's size; -1 = unlabelled
     classes: list[str]
     num_proposals: int
     num_valid_regions: int
     timings: dict[str, float] = field(default_factory=dict)
 
     def pixel_fractions(self) -> dict[str, float]:
-        counts = np.bincount(self.labels.ravel(), minlength=len(self.classes))
+        counts = np.bincount(self.labels.ravel()[self.labels.ravel() >= 0], minlength=len(self.classes))
         total = float(self.labels.size)
         return {name: float(counts[i]) / total for i, name in enumerate(self.classes)}
 
+    def unlabelled_fraction(self) -> float:
+        """Share of pixels no class was given (only the demo inference leaves any)."""
+        return float((self.labels == UNLABELLED).sum()) / float(self.labels.size)
+
 
 def processing_size(height: int, width: int, min_size: int, max_size: int) -> tuple[int, int]:
-    """Shorter side to ``min_size``, longer side capped at ``max_size`` (detectron2's test resize)."""
+    """Shorter side to ``min_size``, longer side capped at ``max_size``: detectron2's ``ResizeShortestEdge``
+    at test time, its rounding (``int(x + 0.5)``) included."""
     scale = min_size / min(height, width)
-    if max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+    new_h, new_w = (min_size, scale * width) if height < width else (scale * height, min_size)
+    if max(new_h, new_w) > max_size:
+        scale = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * scale, new_w * scale
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
 
 
-def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(3, h, w) float 0-255 resized to ``size`` (bilinear, antialiased, clamped): the model's input resize."""
-    if tuple(image.shape[-2:]) == tuple(size):
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(H, W, 3) uint8 RGB resized to ``size`` (h, w): PIL's bilinear resize of uint8 pixels, as
+    detectron2's ``ResizeTransform`` does for the released models (antialiased when shrinking)."""
+    if tuple(image.shape[:2]) == tuple(size):
         return image
-    resized = F.interpolate(image[None], size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-    return resized[0].clamp_(0, 255)
+    if image.dtype != np.uint8:
+        raise ValueError(f"image must be uint8, got {image.dtype}")
+    resized = Image.fromarray(np.ascontiguousarray(image)).resize((int(size[1]), int(size[0])), Image.BILINEAR)
+    return np.array(resized)  # writable, so torch.from_numpy needs no copy-on-write warning
+
+
+#: The name the official demo appends to a one-name vocabulary (CLIP classifies contrastively).
+DEMO_OTHERS = "others"
+
+
+def vocabulary(classes: list[str], mode: str = "eval") -> list[str]:
+    """The cleaned class names a request runs with; demo mode appends "others" to a single name."""
+    classes = clean_class_names(classes)
+    return [*classes, DEMO_OTHERS] if mode == "demo" and len(classes) == 1 else classes
+
+
+def inference_settings(config, mode: str = "eval", lam: float | None = None,
+                       mask_threshold: float | None = None) -> tuple[float, float]:
+    """The (lambda, mask threshold) to run with: the model config's defaults, or the demo's (CLIP only,
+    threshold 0.35) in demo mode; a value out of range, or a lambda in demo mode, is refused, named."""
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"mode must be one of {', '.join(INFERENCE_MODES)}, got {mode!r}")
+    if mode == "demo":
+        if lam is not None:
+            raise ValueError("the demo inference is CLIP only (the official demo's weight 0): lambda does not "
+                             "apply in mode demo")
+        lam, default_threshold = 1.0, DEMO_MASK_THRESHOLD
+    else:
+        lam = config.ensemble_lambda if lam is None else float(lam)
+        default_threshold = config.mask_threshold
+    threshold = default_threshold if mask_threshold is None else float(mask_threshold)
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"mask_threshold must be within (0, 1), got {threshold}")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lambda must be within [0, 1], got {lam}")
+    return lam, threshold
 
 
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -85,9 +130,9 @@ class Segmenter:
 
     def resize_for_model(self, image: np.ndarray) -> torch.Tensor:
         """(3, h, w) float 0-255 on the model's device, resized to the preset's processing size."""
-        tensor = image_to_tensor(image).to(self.device)
-        height, width = tensor.shape[-2:]
-        return resize_image(tensor, processing_size(height, width, self.config.min_size, self.config.max_size))
+        height, width = image.shape[:2]
+        size = processing_size(height, width, self.config.min_size, self.config.max_size)
+        return image_to_tensor(resize_image(image, size)).to(self.device)
 
     @torch.no_grad()
     def propose(self, image: np.ndarray) -> Proposals:
@@ -147,12 +192,34 @@ class Segmenter:
         output_size: tuple[int, int],
         lam: float,
     ) -> np.ndarray:
-        """Ensemble and per-pixel argmax; ``p_clip = valid = None``: no CLIP regions (MaskFormer only)."""
+        """Ensemble, fusion at the processing size, bilinear resize to ``output_size``, argmax.
+
+        ``p_clip = valid = None``: no CLIP regions (lambda 0, MaskFormer only).
+        """
         if p_clip is None or valid is None:
             valid = torch.zeros(p_maskformer.shape[0], dtype=torch.bool, device=p_maskformer.device)
             p_clip = p_maskformer[:0]
-        probs = ensemble_probs(p_maskformer, p_clip, valid.to(p_maskformer.device), lam)
-        labels = semantic_labels(probs, mask_logits, output_size=tuple(output_size))
+        probs, queries = ensemble_probs(p_maskformer, p_clip, valid, lam)
+        logits = mask_logits if len(queries) == mask_logits.shape[0] else mask_logits[queries.to(mask_logits.device)]
+        return fused_labels(probs, logits, output_size=tuple(output_size)).to(torch.int32).cpu().numpy()
+
+    @torch.no_grad()
+    def fuse_demo(
+        self,
+        p_clip: torch.Tensor,
+        valid: torch.Tensor,
+        mask_logits: torch.Tensor,
+        output_size: tuple[int, int],
+        threshold: float,
+        classes: list[str],
+    ) -> np.ndarray:
+        """The official demo's fusion: CLIP probabilities of the proposals with a region, each class's
+        best query kept (the others zeroed), binary masks, pixels no kept mask covers unlabelled."""
+        queries = valid.to(mask_logits.device).nonzero().flatten()
+        skip_others = len(classes) == 2 and classes[-1] == DEMO_OTHERS
+        selected = demo_selection(p_clip, skip_last_class=skip_others) if len(queries) else p_clip
+        labels = fused_labels(selected, mask_logits[queries], output_size=tuple(output_size),
+                              binary_threshold=threshold, blank_unlabelled=True)
         return labels.to(torch.int32).cpu().numpy()
 
     def clock(self) -> float:
@@ -161,6 +228,11 @@ class Segmenter:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
+    def settings(self, mode: str = "eval", lam: float | None = None,
+                 mask_threshold: float | None = None) -> tuple[float, float]:
+        """The (lambda, mask threshold) a request runs with (see :func:`inference_settings`)."""
+        return inference_settings(self.config, mode, lam, mask_threshold)
+
     @torch.no_grad()
     def segment(
         self,
@@ -168,15 +240,15 @@ class Segmenter:
         classes: list[str],
         lam: float | None = None,
         mask_threshold: float | None = None,
+        mode: str = "eval",
     ) -> SegmentationResult:
-        """Semantic map of ``image`` ((H, W, 3) uint8 RGB) over ``classes``, at the image's size."""
-        classes = clean_class_names(classes)
-        lam = self.config.ensemble_lambda if lam is None else float(lam)
-        threshold = self.config.mask_threshold if mask_threshold is None else float(mask_threshold)
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"mask_threshold must be within (0, 1), got {threshold}")
-        if not 0.0 <= lam <= 1.0:
-            raise ValueError(f"lambda must be within [0, 1], got {lam}")
+        """Semantic map of ``image`` ((H, W, 3) uint8 RGB) over ``classes``, at the image's size.
+
+        ``mode="demo"``: the official demo's inference (see :meth:`fuse_demo`); a one-name vocabulary
+        gets "others" appended, as there, and the result's classes include it.
+        """
+        lam, threshold = self.settings(mode, lam, mask_threshold)
+        classes = vocabulary(classes, mode)
         timings = {}
         start = self.clock()
         proposals = self.propose(image)
@@ -189,7 +261,10 @@ class Segmenter:
             p_clip, valid = self.classify_regions(proposals.image, proposals.binary_masks(threshold), classes)
         now = self.clock()
         timings["regions_s"], start = now - start, now
-        labels = self.fuse(p_mf, p_clip, valid, proposals.mask_logits, image.shape[:2], lam)
+        if mode == "demo":
+            labels = self.fuse_demo(p_clip, valid, proposals.mask_logits, image.shape[:2], threshold, classes)
+        else:
+            labels = self.fuse(p_mf, p_clip, valid, proposals.mask_logits, image.shape[:2], lam)
         timings["fusion_s"] = self.clock() - start
         return SegmentationResult(
             labels=labels,

@@ -32,11 +32,35 @@ def palette(num_classes: int) -> np.ndarray:
     return np.array(colours, dtype=np.uint8).reshape(-1, 3)
 
 
+#: Label map value of an unlabelled pixel (only the demo inference leaves any): the type's largest value.
+UNLABELLED_VALUE = {np.uint8: 255, np.uint16: 65535}
+
+
 def compact_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """The label map as uint8 (up to 256 classes) or uint16 (up to 65536): what a label PNG stores."""
+    """The label map as uint8 (up to 256 classes) or uint16 (up to 65536): what a label PNG stores.
+
+    Unlabelled pixels (-1) become the type's largest value, which then no class may use (255 / 65535).
+    """
     if num_classes > 65536:
         raise ValueError(f"{num_classes} classes do not fit a 16-bit label map (at most 65536)")
-    return labels.astype(np.uint8 if num_classes <= 256 else np.uint16, copy=False)
+    unlabelled = labels < 0
+    dtype = np.uint8 if num_classes <= (255 if unlabelled.any() else 256) else np.uint16
+    if not unlabelled.any():
+        return labels.astype(dtype, copy=False)
+    if num_classes >= 65536:
+        raise ValueError("65536 classes leave no 16-bit value for unlabelled pixels")
+    compact = labels.astype(dtype)
+    compact[unlabelled] = UNLABELLED_VALUE[dtype]
+    return compact
+
+
+def expand_labels(compact: np.ndarray, num_classes: int) -> np.ndarray:
+    """The inverse of :func:`compact_labels`: int32 class indices, -1 where unlabelled."""
+    labels = compact.astype(np.int32)
+    top = UNLABELLED_VALUE[compact.dtype.type]
+    if num_classes <= top:  # the largest value is no class index, so it marks unlabelled pixels
+        labels[compact == top] = -1
+    return labels
 
 
 def label_png(labels: np.ndarray, num_classes: int) -> bytes:
@@ -47,10 +71,13 @@ def label_png(labels: np.ndarray, num_classes: int) -> bytes:
 def overlay_png(image: np.ndarray, labels: np.ndarray, classes: list[str], alpha: float = 0.55) -> bytes:
     """The image blended with class colours, with a legend of the classes present on the right."""
     colours = palette(len(classes))
-    blended = (image.astype(np.float32) * (1 - alpha) + colours[labels].astype(np.float32) * alpha).astype(np.uint8)
-    present = [int(i) for i in np.unique(labels)]
+    labelled = labels >= 0  # unlabelled pixels (demo inference) keep the image's own colour
+    blended = image.astype(np.float32) * (1 - alpha) + colours[np.where(labelled, labels, 0)].astype(np.float32) * alpha
+    blended = np.where(labelled[..., None], blended, image.astype(np.float32)).astype(np.uint8)
+    present = [int(i) for i in np.unique(labels) if i >= 0]
     row_height, pad = 18, 6
-    text_width = max(cv2.getTextSize(classes[i][:40], cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)[0][0] for i in present)
+    text_width = max((cv2.getTextSize(classes[i][:40], cv2.FONT_HERSHEY_SIMPLEX, 0.45, 1)[0][0] for i in present),
+                     default=0)
     legend_width = text_width + 3 * pad + 14
     height = max(image.shape[0], pad + row_height * len(present))
     canvas = np.full((height, image.shape[1] + legend_width, 3), 255, np.uint8)
@@ -67,7 +94,7 @@ def overlay_png(image: np.ndarray, labels: np.ndarray, classes: list[str], alpha
 def class_rles(labels: np.ndarray, classes: list[str]) -> dict[str, dict]:
     """COCO RLE (``size``, ``counts`` as text) for every class present in ``labels``."""
     rles = {}
-    for index in np.unique(labels):
+    for index in np.unique(labels[labels >= 0]):
         rle = mask_utils.encode(np.asfortranarray((labels == index).astype(np.uint8)))
         rles[classes[int(index)]] = {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
     return rles
@@ -83,6 +110,7 @@ def result_summary(result: SegmentationResult, with_rle: bool = True, with_timin
         "height": int(result.labels.shape[0]),
         "width": int(result.labels.shape[1]),
         "pixel_fractions": result.pixel_fractions(),
+        "unlabelled_fraction": result.unlabelled_fraction(),
         "num_proposals": result.num_proposals,
         "num_valid_regions": result.num_valid_regions,
     }

@@ -64,7 +64,7 @@ def decode_pairs(batch: dict, size: int, interpolation: str = "bicubic") -> dict
         by_image.setdefault(str(uri), []).append(row)
     for uri, rows in by_image.items():
         try:
-            image = image_to_tensor(load_image(uri))
+            image = load_image(uri)
         except (OSError, ValueError) as exc:
             for row in rows:
                 errors[row] = f"image: {exc}"
@@ -82,7 +82,7 @@ def decode_pairs(batch: dict, size: int, interpolation: str = "bicubic") -> dict
                 continue
             by_size.setdefault(mask.shape, []).append((row, mask))
         for mask_size, items in by_size.items():
-            source = resize_image(image, mask_size)
+            source = image_to_tensor(resize_image(image, mask_size))
             stacked = torch.from_numpy(np.stack([mask for _, mask in items]))
             out = preprocess(source, stacked)
             for index, (row, _) in enumerate(items):  # every mask is non-empty, so all are valid

@@ -69,8 +69,9 @@ def test_lambda_zero_skips_clip_and_matches_maskformer_only(tiny_model):
     assert result.num_valid_regions == 0
     proposals = segmenter.propose(image)
     p_mf = segmenter.maskformer_probs(proposals.class_embeddings, ["a", "b", "c"])
-    expected = torch.einsum("qc,qhw->chw", p_mf, torch.nn.functional.interpolate(
-        proposals.mask_logits[None], size=(90, 120), mode="bilinear", align_corners=False)[0].sigmoid()).argmax(0)
+    scores = torch.einsum("qc,qhw->chw", p_mf, proposals.mask_logits.sigmoid())  # at the processing size
+    expected = torch.nn.functional.interpolate(scores[None], size=(90, 120), mode="bilinear",
+                                               align_corners=False)[0].argmax(0)
     assert np.array_equal(result.labels, expected.numpy())
     with pytest.raises(ValueError, match="lambda"):
         segmenter.segment(image, ["a"], lam=2.0)

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from PIL import Image
 
 from ovseg_ray import storage
 from ovseg_ray.cli import main as cli
@@ -131,8 +132,9 @@ def test_decode_pairs_is_the_shared_region_preprocessing(gt_pairs):
     expected = RegionPreprocessor(size=TINY_REGION)(image, masks)
     assert torch.equal(torch.from_numpy(out["region"][:-1]), expected.images)
     assert torch.equal(torch.from_numpy(out["mask"][:-1]).float(), expected.masks)
-    small = F.interpolate(image[None], size=half.shape, mode="bilinear", align_corners=False, antialias=True)[0]
-    expected_half = RegionPreprocessor(size=TINY_REGION)(small.clamp(0, 255), torch.from_numpy(half)[None])
+    small = np.asarray(Image.fromarray(load_image(first)).resize(half.shape[::-1], Image.BILINEAR))
+    small = torch.from_numpy(small.copy()).permute(2, 0, 1).float()  # the processing resize: PIL bilinear
+    expected_half = RegionPreprocessor(size=TINY_REGION)(small, torch.from_numpy(half)[None])
     assert torch.equal(torch.from_numpy(out["region"][-1:]), expected_half.images)
     assert list(out["noun"]) == [*rows.column("noun").to_pylist(), "small thing"]
 

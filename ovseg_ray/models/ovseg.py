@@ -17,6 +17,7 @@ from ..device import resolve_device
 from .clip import clip_tokenizer, create_clip, freeze_text_tower, known_clip_architectures
 from .maskformer import MaskFormerConfig, OpenVocabMaskFormer
 from .masked_clip import MaskedVisionEncoder
+from .official import DEFAULT_LAMBDA, PRESET_MASK_THRESHOLDS
 from .regions import INTERPOLATIONS
 from .text import TEMPLATE_SETS
 
@@ -34,8 +35,9 @@ class OVSegConfig(StrictModel):
     region_interpolation: str = "bicubic"
     templates: str = Field("vild", description="text templates: vild (14 ViLD prompts) or bare")
     temperature: float = Field(100.0, gt=0)
-    mask_threshold: float = Field(0.4, gt=0, lt=1, description="sigmoid threshold that binarises proposals")
-    ensemble_lambda: float = Field(0.7, ge=0, le=1, description="weight of CLIP in the ensemble")
+    mask_threshold: float = Field(0.4, gt=0, lt=1, description="sigmoid threshold that binarises proposals "
+                                  "(named presets: their official config's, see models/official.py)")
+    ensemble_lambda: float = Field(DEFAULT_LAMBDA, ge=0, le=1, description="weight of CLIP in the ensemble")
 
     @field_validator("clip_arch")
     @classmethod
@@ -66,7 +68,9 @@ def load_preset(name: str) -> OVSegConfig:
     """A named preset, or a model config JSON file (path or s3://, e.g. a training run's model_config.json)."""
     path = PRESET_DIR / f"{name}.json"
     if path.exists():
-        return OVSegConfig.model_validate(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        data.setdefault("mask_threshold", PRESET_MASK_THRESHOLDS[name])
+        return OVSegConfig.model_validate(data)
     if name.endswith(".json"):
         from .. import storage
 
