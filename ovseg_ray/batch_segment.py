@@ -22,6 +22,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from itertools import chain
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -66,11 +67,15 @@ class SegmentBatchConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     compute: ComputeConfig = ComputeConfig()
     ensemble_lambda: float | None = Field(None, ge=0, le=1, description="CLIP weight (default: the preset's)")
-    mask_threshold: float | None = Field(None, gt=0, lt=1, description="default: the preset's")
+    mask_threshold: float | None = Field(None, gt=0, lt=1, description="default: the preset's (0.35 in demo mode)")
+    mode: Literal["eval", "demo"] = Field("eval", description="eval: the official evaluation inference; demo: "
+                                          "the official demo's (CLIP only, uncovered pixels unlabelled)")
     overwrite: bool = Field(False, description="segment every image again instead of skipping finished ones")
 
     @model_validator(mode="after")
     def _one_class_source(self) -> SegmentBatchConfig:
+        if self.mode == "demo" and self.ensemble_lambda is not None:
+            raise ValueError("ensemble_lambda does not apply in mode demo (the demo inference is CLIP only)")
         if self.classes and self.classes_file:
             raise ValueError("give either classes or classes_file, not both")
         if not self.classes and not self.classes_file:
@@ -167,6 +172,7 @@ class SegmentTask:
     classes: list[str]
     lam: float | None
     mask_threshold: float | None
+    mode: str = "eval"
     output_schema = RESULT_SCHEMA
 
     def process(self, segmenter, row: dict) -> list[dict]:
@@ -177,7 +183,8 @@ class SegmentTask:
         except ImageDecodeError as exc:
             return [error_row(row["image_uri"], row["stem"], str(exc))]
         try:
-            result = segmenter.segment(image, self.classes, lam=self.lam, mask_threshold=self.mask_threshold)
+            result = segmenter.segment(image, self.classes, lam=self.lam, mask_threshold=self.mask_threshold,
+                                       mode=self.mode)
         except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. an image the model cannot take
             if is_device_failure(exc):
                 raise  # the GPU's fault, not the image's: fail the run; a re-run picks it up
@@ -205,7 +212,7 @@ def existing_rows(batch: pa.Table, out: str) -> pa.Table:
 
 def _run_record(config: SegmentBatchConfig, classes: list[str]) -> dict:
     return {"classes": classes, "model": config.model.model_dump(exclude={"device"}),
-            "ensemble_lambda": config.ensemble_lambda, "mask_threshold": config.mask_threshold}
+            "ensemble_lambda": config.ensemble_lambda, "mask_threshold": config.mask_threshold, "mode": config.mode}
 
 
 def check_run_record(config: SegmentBatchConfig, classes: list[str]) -> None:
@@ -275,7 +282,7 @@ def run_segment_batch(config: SegmentBatchConfig) -> dict:
             num_cpus=config.compute.fetch_num_cpus)
         batches = chain(batches, ds.iter_batches(batch_format="pyarrow", batch_size=None))
     if todo:
-        task = SegmentTask(config.out, classes, config.ensemble_lambda, config.mask_threshold)
+        task = SegmentTask(config.out, classes, config.ensemble_lambda, config.mask_threshold, config.mode)
         ds = inference_stage(todo, config.model, config.compute, task, fetch=("image_uri",))
         batches = chain(batches, ds.iter_batches(batch_format="pyarrow", batch_size=None))
 

@@ -24,8 +24,9 @@ from .batch_inference import ComputeConfig, inference_stage
 from .config import ModelConfig, StrictModel
 from .data.benchmarks import class_list
 from .data.images import ImageDecodeError, decode_image
-from .data.readers import BENCHMARKS, PAPER_LAMBDA, BenchmarkLayout, BenchmarkReader, decode_label
+from .data.readers import BENCHMARKS, BenchmarkLayout, BenchmarkReader, decode_label
 from .device import is_device_failure
+from .models.official import BENCHMARK_LAMBDAS
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ class EvalConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     compute: ComputeConfig = ComputeConfig()
     ensemble_lambda: float | None = Field(
-        None, ge=0, le=1, description="CLIP weight; default per benchmark from the paper (0.7 ADE, 0.6 Pascal)")
+        None, ge=0, le=1, description="CLIP weight; default per benchmark from the official evaluation (0.7 ADE, "
+                                      "0.6 Pascal Context, 0.45 VOC)")
     mask_threshold: float | None = Field(None, gt=0, lt=1, description="default: the preset's")
     sweep: SweepConfig = SweepConfig()
     class_names: Literal["full", "clean"] = Field(
@@ -112,7 +114,7 @@ class EvalConfig(StrictModel):
 
 def settings_for(config: EvalConfig, benchmark: str, preset_threshold: float) -> list[tuple[float, float]]:
     """(lambda, threshold) pairs: the configured default first, then the sweep grid (no repeats)."""
-    lam = PAPER_LAMBDA[benchmark] if config.ensemble_lambda is None else config.ensemble_lambda
+    lam = BENCHMARK_LAMBDAS[benchmark] if config.ensemble_lambda is None else config.ensemble_lambda
     threshold = preset_threshold if config.mask_threshold is None else config.mask_threshold
     grid = product(config.sweep.lambdas or [lam], config.sweep.mask_thresholds or [threshold])
     return list(dict.fromkeys([(float(lam), float(threshold)), *((float(a), float(b)) for a, b in grid)]))

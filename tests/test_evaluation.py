@@ -74,12 +74,14 @@ def test_sweep_reuses_stages_and_equals_segment(segmenter, synth_dataset):
     assert np.array_equal(single[0], swept[2])
 
 
-def test_paper_defaults_and_sweep_grid():
+def test_official_defaults_and_sweep_grid():
+    """lambda per benchmark as the official evaluation commands: 0.7 ADE, 0.6 Pascal Context, 0.45 VOC."""
     config = EvalConfig(dataset_root="x")
     assert settings_for(config, "ade20k_150", 0.4) == [(0.7, 0.4)]
     assert settings_for(config, "ade20k_847", 0.4) == [(0.7, 0.4)]
-    for benchmark in ("pascal_context_59", "pascal_context_459", "pascal_voc_20"):
+    for benchmark in ("pascal_context_59", "pascal_context_459"):
         assert settings_for(config, benchmark, 0.4) == [(0.6, 0.4)]
+    assert settings_for(config, "pascal_voc_20", 0.5) == [(0.45, 0.5)]
     config = EvalConfig(dataset_root="x", ensemble_lambda=0.5, mask_threshold=0.3,
                         sweep={"lambdas": [0.5, 0.8], "mask_thresholds": [0.3, 0.5]})
     assert settings_for(config, "pascal_voc_20", 0.4) == [(0.5, 0.3), (0.5, 0.5), (0.8, 0.3), (0.8, 0.5)]

@@ -108,3 +108,37 @@ def test_synth_is_deterministic_and_readable_by_pycocotools(tmp_path):
         mask = instances.annToMask(ann)
         img = instances.loadImgs([ann["image_id"]])[0]
         assert mask.shape == (img["height"], img["width"]) and mask.sum() == ann["area"] > 0
+
+
+def test_demo_mode_writes_unlabelled_pixels_and_refuses_lambda(tmp_path, synth_dataset, capsys):
+    """``segment --mode demo``: the official demo inference; one name gets "others"; unlabelled = 255."""
+    image_path = str(synth_dataset / "images" / "000000000001.jpg")
+    out = tmp_path / "demo"
+    assert main(["segment", image_path, "--classes", "boat", "--mode", "demo", "--out", str(out)]) == 0
+    info = json.loads((out / "000000000001.json").read_text())
+    labels = np.asarray(Image.open(out / "000000000001.labels.png"))
+    assert info["classes"] == ["boat", "others"]
+    assert set(np.unique(labels)) <= {0, 1, 255}
+    assert info["unlabelled_fraction"] == pytest.approx((labels == 255).mean())
+    for index, name in enumerate(info["classes"]):
+        assert info["pixel_fractions"][name] == pytest.approx((labels == index).mean())
+    capsys.readouterr()
+    assert main(["segment", image_path, "--classes", "boat", "--mode", "demo", "--lambda", "0.5",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lambda does not apply in mode demo" in err
+
+
+def test_unlabelled_pixels_in_every_output_kind(tmp_path):
+    rng = np.random.default_rng(1)
+    labels = rng.integers(-1, 3, size=(20, 30)).astype(np.int32)  # -1: unlabelled (demo inference)
+    image = rng.integers(0, 255, size=(20, 30, 3)).astype(np.uint8)
+    result = SegmentationResult(labels, ["a", "b", "c"], num_proposals=3, num_valid_regions=3)
+    write_segmentation(str(tmp_path), "u", image, result)
+    stored = np.asarray(Image.open(tmp_path / "u.labels.png"))
+    assert np.array_equal(stored == 255, labels == -1) and np.array_equal(stored[labels >= 0], labels[labels >= 0])
+    info = json.loads((tmp_path / "u.json").read_text())
+    assert set(info["rle"]) == {"a", "b", "c"}
+    assert info["unlabelled_fraction"] == pytest.approx((labels == -1).mean())
+    overlay = np.asarray(Image.open(tmp_path / "u.overlay.png").convert("RGB"))[:20, :30]
+    assert np.array_equal(overlay[labels == -1], image[labels == -1])  # unlabelled keeps the image's colour

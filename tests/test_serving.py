@@ -151,6 +151,28 @@ def test_json_base64_with_lambda_and_threshold_equals_library(service, images, l
         assert "regions_s" not in body["timings"]
 
 
+@pytest.mark.parametrize("classes", [["boat"], CLASSES[:4]])
+def test_demo_mode_equals_the_library_demo(service, images, library, classes):
+    """``"mode": "demo"``: the official demo inference, as ``Segmenter.segment(mode="demo")``."""
+    image = images[3]
+    response = service.http.post("/v1/segment", files={"image": ("x.jpg", image.data, "image/jpeg")},
+                                 data={"classes": ",".join(classes), "mode": "demo"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    SegmentResponse.model_validate(body)
+    expected = library.segment(image.array, classes, mode="demo")
+    labels = _labels(body)
+    unlabelled = expected.labels == -1
+    np.testing.assert_array_equal(labels[~unlabelled], expected.labels[~unlabelled])
+    assert (labels[unlabelled] == 255).all()
+    assert body["classes"] == expected.classes and body["mode"] == "demo"
+    assert (body["lambda"], body["mask_threshold"]) == (1.0, 0.35)
+    assert body["unlabelled_fraction"] == pytest.approx(expected.unlabelled_fraction())
+    refused = service.http.post("/v1/segment", json={"image_base64": base64.b64encode(image.data).decode(),
+                                                     "classes": classes, "mode": "demo", "lambda": 0.5})
+    assert refused.status_code == 422 and "demo" in refused.json()["detail"]
+
+
 def test_image_uri_from_s3_and_allowed_local_dir(service, images, library, s3_bucket, tmp_path):
     image = images[2]
     expected = library.segment(image.array, CLASSES).labels

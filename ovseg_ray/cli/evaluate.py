@@ -11,7 +11,8 @@ Example eval.yaml::
     out: runs/eval/swinb
     model: {preset: swinb-vitl14, weights: s3://my-bucket/ovseg_swinb_vitL14.safetensors}
     compute: {min_actors: 1, max_actors: 8, batch_size: 4, num_gpus: 1, num_cpus: 4}
-    # ensemble_lambda / mask_threshold default to the paper (0.7 ADE, 0.6 Pascal) and the preset
+    # ensemble_lambda / mask_threshold default to the official evaluation (0.7 ADE, 0.6 Pascal Context,
+    # 0.45 VOC) and the preset's threshold (models/official.py)
     sweep: {lambdas: [0.5, 0.6, 0.7, 0.8], mask_thresholds: [0.3, 0.4, 0.5]}
     seen_classes_from: coco_stuff_171                   # optional seen/unseen mIoU
 """

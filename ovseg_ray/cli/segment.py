@@ -16,18 +16,24 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default="runs/segment", help="output folder or s3:// prefix (default runs/segment)")
     parser.add_argument("--lambda", dest="lam", type=float, default=None,
                         help="CLIP weight in the ensemble: 0 = MaskFormer only, 1 = CLIP only (preset default 0.7)")
-    parser.add_argument("--mask-threshold", type=float, default=None, help="proposal binarisation threshold")
+    parser.add_argument("--mask-threshold", type=float, default=None,
+                        help="proposal binarisation threshold (default: the preset's; 0.35 in demo mode)")
+    parser.add_argument("--mode", choices=("eval", "demo"), default="eval",
+                        help="eval: the official evaluation inference (default); demo: the official demo's "
+                             "(CLIP-only classes, each class's best proposal, uncovered pixels unlabelled)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..data.images import load_image
-    from ..inference import Segmenter
-    from ..models.ovseg import build_model
+    from ..inference import Segmenter, inference_settings
+    from ..models.ovseg import build_model, load_preset
     from ..outputs import write_segmentation
 
     classes = read_class_names(args.classes, args.classes_file)
-    model = build_model(args.preset, weights=args.weights, clip_weights=args.clip_weights, device=args.device)
+    config = load_preset(args.preset)
+    inference_settings(config, args.mode, args.lam, args.mask_threshold)  # refuse bad settings before loading
+    model = build_model(config, weights=args.weights, clip_weights=args.clip_weights, device=args.device)
     segmenter = Segmenter(model)
     failures = 0
     for uri in args.images:
@@ -38,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {exc}")
             failures += 1
             continue
-        result = segmenter.segment(image, classes, lam=args.lam, mask_threshold=args.mask_threshold)
+        result = segmenter.segment(image, classes, lam=args.lam, mask_threshold=args.mask_threshold, mode=args.mode)
         stem = os.path.splitext(os.path.basename(uri.rstrip("/")))[0]
         paths = write_segmentation(args.out, stem, image, result)
         present = sorted(((f, c) for c, f in result.pixel_fractions().items() if f > 0), reverse=True)

@@ -37,14 +37,6 @@ SHORT_NAMES = {
     "pascal_context_59": "PC-59",
     "pascal_voc_20": "PAS-20",
 }
-# Ensemble weight of CLIP per benchmark (OVSeg appendix): 0.7 on ADE20K, 0.6 on Pascal Context and VOC.
-PAPER_LAMBDA = {
-    "ade20k_847": 0.7,
-    "pascal_context_459": 0.6,
-    "ade20k_150": 0.7,
-    "pascal_context_59": 0.6,
-    "pascal_voc_20": 0.6,
-}
 # Where the list of samples comes from: ADE's image folders hold exactly the split, while Pascal's
 # JPEGImages hold every image of the year, so there the label folder defines the split.
 _INDEX_FROM = {

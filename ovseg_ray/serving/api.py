@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from pydantic import Field, ValidationError
@@ -21,9 +22,10 @@ from pydantic import Field, ValidationError
 from .. import storage
 from ..config import StrictModel, format_validation_error
 from ..data.images import ImageDecodeError, ImageTooLargeError, decode_image
-from ..inference import SegmentationResult
+from ..inference import SegmentationResult, vocabulary
+from ..models.official import DEMO_MASK_THRESHOLD
 from ..models.text import clean_class_names
-from ..outputs import class_rles, label_png, overlay_png, result_summary
+from ..outputs import class_rles, expand_labels, label_png, overlay_png, result_summary
 from .config import Limits, OutputKind
 from .multipart import FormPart, MultipartError, parse_multipart
 from .stages import SegmentOutput
@@ -47,6 +49,9 @@ class SegmentParams(StrictModel):
     )
     mask_threshold: float | None = Field(None, gt=0, lt=1, description="proposal binarisation threshold")
     outputs: list[OutputKind] | None = Field(None, description="any of label_png, overlay_png, rle")
+    mode: Literal["eval", "demo"] | None = Field(
+        None, description="eval (default): the official evaluation inference; demo: the official demo's "
+                          "(CLIP only, each class's best proposal, uncovered pixels unlabelled; no lambda)")
 
 
 class SegmentRequest(SegmentParams):
@@ -81,8 +86,10 @@ class SegmentResponse(StrictModel):
     pixel_fractions: dict[str, float]
     num_proposals: int
     num_valid_regions: int
+    unlabelled_fraction: float = Field(description="share of pixels without a class (demo mode only)")
     lambda_: float = Field(alias="lambda")
     mask_threshold: float
+    mode: Literal["eval", "demo"]
     outputs: SegmentOutputs
     timings: dict[str, float] = Field(description="seconds per stage: decode, proposals, text, regions, ...")
     region_batch: RegionBatchInfo
@@ -100,6 +107,7 @@ class SegmentInput:
     lam: float
     mask_threshold: float
     outputs: list[str]
+    mode: str = "eval"
     image_bytes: bytes | None = None
     image_uri: str | None = None
     source: str = "image"
@@ -144,7 +152,7 @@ def _names(values: list[str], field: str) -> list[str]:
 
 def form_fields(parts: list[FormPart]) -> tuple[FormPart, dict]:
     """The uploaded image part and the other fields as a :class:`SegmentParams` mapping."""
-    allowed = {"image", "classes", "lambda", "mask_threshold", "outputs"}
+    allowed = {"image", "classes", "lambda", "mask_threshold", "outputs", "mode"}
     unknown = sorted({p.name for p in parts} - allowed)
     if unknown:
         raise RequestError(422, f"unknown form field(s) {', '.join(unknown)}; expected {', '.join(sorted(allowed))}")
@@ -160,7 +168,7 @@ def form_fields(parts: list[FormPart]) -> tuple[FormPart, dict]:
         fields["classes"] = _names(values["classes"], "classes")
     if "outputs" in values:
         fields["outputs"] = [v.strip() for v in _names(values["outputs"], "outputs")]
-    for name in ("lambda", "mask_threshold"):
+    for name in ("lambda", "mask_threshold", "mode"):
         if name in values:
             if len(values[name]) != 1:
                 raise RequestError(422, f"form field {name!r} given {len(values[name])} times")
@@ -200,11 +208,22 @@ def _validated(model: type[SegmentParams], data: dict) -> SegmentParams:
 
 def _finish(params: SegmentParams, limits: Limits, defaults: dict, **image) -> SegmentInput:
     outputs = list(dict.fromkeys(params.outputs if params.outputs is not None else defaults["outputs"]))
+    mode = params.mode or "eval"
+    if mode == "demo":
+        if params.lambda_ is not None:
+            raise RequestError(422, "lambda does not apply in mode demo: the demo inference is CLIP only")
+        lam, threshold = 1.0, DEMO_MASK_THRESHOLD
+    else:
+        lam, threshold = defaults["lambda"], defaults["mask_threshold"]
+    classes = check_classes(params.classes, limits)
+    if mode == "demo":  # a single name gets "others", as in the official demo
+        classes = check_classes(vocabulary(classes, mode), limits)
     return SegmentInput(
-        classes=check_classes(params.classes, limits),
-        lam=defaults["lambda"] if params.lambda_ is None else params.lambda_,
-        mask_threshold=defaults["mask_threshold"] if params.mask_threshold is None else params.mask_threshold,
+        classes=classes,
+        lam=lam if params.lambda_ is None else params.lambda_,
+        mask_threshold=threshold if params.mask_threshold is None else params.mask_threshold,
         outputs=outputs,
+        mode=mode,
         **image,
     )
 
@@ -307,7 +326,7 @@ def load_request_image(request: SegmentInput, limits: Limits) -> np.ndarray:
 def response_body(image: np.ndarray, request: SegmentInput, output: SegmentOutput, timings: dict) -> dict:
     """JSON body: classes, pixel fractions, requested outputs, timings per stage, region batch."""
     result = SegmentationResult(
-        labels=output.labels,
+        labels=expand_labels(output.labels, len(request.classes)),
         classes=request.classes,
         num_proposals=output.num_proposals,
         num_valid_regions=output.num_valid_regions,
@@ -315,14 +334,15 @@ def response_body(image: np.ndarray, request: SegmentInput, output: SegmentOutpu
     body = result_summary(result, with_rle=False)
     outputs: dict = {}
     if "label_png" in request.outputs:
-        outputs["label_png"] = base64.b64encode(label_png(output.labels, len(request.classes))).decode("ascii")
+        outputs["label_png"] = base64.b64encode(label_png(result.labels, len(request.classes))).decode("ascii")
     if "overlay_png" in request.outputs:
-        overlay = overlay_png(image, output.labels, request.classes)
+        overlay = overlay_png(image, result.labels, request.classes)
         outputs["overlay_png"] = base64.b64encode(overlay).decode("ascii")
     if "rle" in request.outputs:
-        outputs["rle"] = class_rles(output.labels, request.classes)
+        outputs["rle"] = class_rles(result.labels, request.classes)
     body["lambda"] = request.lam
     body["mask_threshold"] = request.mask_threshold
+    body["mode"] = request.mode
     body["outputs"] = outputs
     body["timings"] = {k: round(v, 6) for k, v in {**output.timings, **timings}.items()}
     body["region_batch"] = {"requests": output.region_batch_requests, "regions": output.region_batch_regions}

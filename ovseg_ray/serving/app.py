@@ -58,6 +58,7 @@ _FORM_SCHEMA = {
         "lambda": {"type": "number", "minimum": 0, "maximum": 1},
         "mask_threshold": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
         "outputs": {"type": "string", "description": "comma-separated: label_png, overlay_png, rle"},
+        "mode": {"type": "string", "enum": ["eval", "demo"]},
     },
 }
 _SEGMENT_DOCS = {
@@ -148,9 +149,10 @@ class MaskProposer:
         self.classifier = classifier
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proposals")
 
-    async def segment(self, image: np.ndarray, classes: list[str], lam: float, threshold: float) -> SegmentOutput:
+    async def segment(self, image: np.ndarray, classes: list[str], lam: float, threshold: float,
+                      mode: str = "eval") -> SegmentOutput:
         loop = asyncio.get_running_loop()
-        pending = await loop.run_in_executor(self._executor, self.stage.propose, image, classes, lam, threshold)
+        pending = await loop.run_in_executor(self._executor, self.stage.propose, image, classes, lam, threshold, mode)
         regions = None
         if pending.region_request is not None:
             start = time.perf_counter()
@@ -205,7 +207,8 @@ class OVSegIngress:
             return self._reply(exc.status, {"detail": exc.message})
         decode_s = time.perf_counter() - start
         try:
-            output = await self.proposer.segment.remote(image, parsed.classes, parsed.lam, parsed.mask_threshold)
+            output = await self.proposer.segment.remote(image, parsed.classes, parsed.lam, parsed.mask_threshold,
+                                                        parsed.mode)
         except BackPressureError as exc:
             return self._reply(503, {"detail": f"the service is overloaded, retry later ({exc})"})
         except (RayActorError, ActorUnavailableError) as exc:

@@ -107,6 +107,8 @@ class PendingSegmentation:
     p_maskformer: torch.Tensor  # (Q, C)
     classes: list[str]
     lam: float
+    threshold: float
+    mode: str
     output_size: tuple[int, int]
     region_request: RegionRequest | None  # None when lambda == 0 (the CLIP stage is skipped)
     timings: dict[str, float] = field(default_factory=dict)
@@ -131,7 +133,8 @@ class ProposalStage:
         self.segmenter = segmenter
 
     @torch.no_grad()
-    def propose(self, image: np.ndarray, classes: list[str], lam: float, threshold: float) -> PendingSegmentation:
+    def propose(self, image: np.ndarray, classes: list[str], lam: float, threshold: float,
+                mode: str = "eval") -> PendingSegmentation:
         segmenter = self.segmenter
         timings = {}
         start = segmenter.clock()
@@ -144,9 +147,8 @@ class ProposalStage:
         region_request = None
         if lam > 0.0:
             region_request = RegionRequest.from_tensors(proposals.image, proposals.binary_masks(threshold))
-        return PendingSegmentation(
-            proposals, p_maskformer, classes, lam, (int(image.shape[0]), int(image.shape[1])), region_request, timings
-        )
+        return PendingSegmentation(proposals, p_maskformer, classes, lam, threshold, mode,
+                                   (int(image.shape[0]), int(image.shape[1])), region_request, timings)
 
     @torch.no_grad()
     def finish(self, pending: PendingSegmentation, regions: RegionResult | None) -> SegmentOutput:
@@ -157,7 +159,11 @@ class ProposalStage:
         if regions is not None:
             p_clip = segmenter.clip_probs(_tensor(regions.embeddings).to(segmenter.device), pending.classes)
             valid = _tensor(regions.valid)
-        labels = segmenter.fuse(p_mf, p_clip, valid, pending.proposals.mask_logits, pending.output_size, pending.lam)
+        logits = pending.proposals.mask_logits
+        if pending.mode == "demo":
+            labels = segmenter.fuse_demo(p_clip, valid, logits, pending.output_size, pending.threshold, pending.classes)
+        else:
+            labels = segmenter.fuse(p_mf, p_clip, valid, logits, pending.output_size, pending.lam)
         timings = {**pending.timings, "fusion_s": segmenter.clock() - start}
         return SegmentOutput(
             labels=compact_labels(labels, len(pending.classes)),
