@@ -14,6 +14,7 @@ Timings (random weights: speed does not depend on them; baselines from the same 
 4. ``segment()`` latency per preset on generated 640x480 scenes with the ADE-150 vocabulary;
 5. region encoder: regions/s with one request's regions per forward vs 16 requests' regions in
    one forward (what Serve's cross-request batching buys on a GPU), ratio batched / per-request;
+   region preprocessing, batched vs the tests' per-mask reference loop (and their agreement);
 6. ``RegionTrainer.step`` samples/s (ft and mpt, batch 32), fp32 vs ``precision=auto`` (bf16).
 """
 
@@ -140,6 +141,25 @@ def time_segment(preset: str, images: list[np.ndarray], classes: list[str]) -> N
           f"{len(classes)} classes, {valid:.0f} regions/image; stages (s) "
           + ", ".join(f"{k} {v:.4f}" for k, v in stages.items()) + f"; peak {peak:.2f} GiB", flush=True)
     time_region_batching(preset, segmenter, images)
+    time_region_preprocessing(preset, segmenter, images)
+
+
+def time_region_preprocessing(preset: str, segmenter: Segmenter, images: list[np.ndarray]) -> None:
+    """The batched region preprocessing against the per-mask loop of the tests' reference, same inputs."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from official_reference import regions_loop
+
+    threshold = segmenter.config.mask_threshold
+    items = [(p.image, p.binary_masks(threshold)) for p in map(segmenter.propose, images)]
+    size = segmenter.regions.size
+    batched = synced_time(lambda: [segmenter.regions(image, masks) for image, masks in items], repeats=3)
+    looped = synced_time(lambda: [regions_loop(image, masks, size) for image, masks in items], repeats=3)
+    diff = max(float((segmenter.regions(i, m).images - regions_loop(i, m, size)[0]).abs().max()) for i, m in items)
+    REPORT["timings"][f"region preprocessing {preset}"] = {"batched_s": batched, "per_mask_loop_s": looped,
+                                                          "ratio": looped / batched, "max_diff": diff}
+    record_check(f"region preprocessing {preset} equals the per-mask loop", diff <= 1e-4, f"max diff {diff:.2e}")
+    print(f"region preprocessing {preset}: batched {batched / len(items) * 1000:.2f} ms/image, per-mask loop "
+          f"{looped / len(items) * 1000:.2f} ms/image, {looped / batched:.1f}x", flush=True)
 
 
 def time_region_batching(preset: str, segmenter: Segmenter, images: list[np.ndarray]) -> None:
