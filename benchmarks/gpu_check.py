@@ -39,7 +39,7 @@ from ovseg_ray.inference import Segmenter
 from ovseg_ray.models.clip import create_clip
 from ovseg_ray.models.masked_clip import MaskedVisionEncoder
 from ovseg_ray.models.ovseg import build_model
-from ovseg_ray.train_clip import RegionTrainer, build_training_model
+from ovseg_ray.training.clip_steps import RegionTrainer, build_training_model
 
 REPORT: dict = {"checks": {}, "timings": {}}
 FAILED: list[str] = []

@@ -31,8 +31,8 @@ def plain_loop(table, args, vocabulary: list[str]) -> dict:
     import torch
 
     from ovseg_ray.models.text import TEMPLATE_SETS, TextEmbedder
-    from ovseg_ray.train_clip import RegionTrainer, build_training_model
-    from ovseg_ray.train_pairs import batch_tensors, decode_pairs, region_size
+    from ovseg_ray.training.clip_steps import RegionTrainer, build_training_model
+    from ovseg_ray.training.pair_batches import batch_tensors, decode_pairs, region_size
 
     torch.set_num_threads(max(1, int(args.cpus_per_worker)))
     model = build_training_model(args.preset, seed=args.seed)
@@ -70,7 +70,7 @@ def plain_loop(table, args, vocabulary: list[str]) -> dict:
 
 def ray_loop(pairs_path: str, storage_path: str, args) -> dict:
     from ovseg_ray.config import load_config
-    from ovseg_ray.training import TrainClipConfig, train_clip
+    from ovseg_ray.training.engine import TrainClipConfig, train_clip
 
     config = load_config(TrainClipConfig, None, {
         "mode": args.mode, "objective": args.objective, "text_templates": args.templates,
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ovseg_ray.data.synth import generate_dataset
     from ovseg_ray.raycluster import init_ray
-    from ovseg_ray.train_pairs import coco_instance_pairs
+    from ovseg_ray.training.pair_batches import coco_instance_pairs
 
     with tempfile.TemporaryDirectory(prefix="train-step-bench-") as tmp:
         generate_dataset(os.path.join(tmp, "data"), images=args.images, seed=args.seed, eval_images=2)

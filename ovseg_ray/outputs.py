@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from . import storage
+from .data import storage
 from .data.images import encode_png
 
 if TYPE_CHECKING:  # type only: writing outputs needs no torch

@@ -108,7 +108,7 @@ def tiny_model():
 
 def mining_test_config(root, output: str, images: str | None = None, captions: str | None = None, **overrides):
     """Mining config for tests: tiny preset, 4-image shards, both pools plus loading fit 2 CPUs."""
-    from ovseg_ray.mining import MiningConfig
+    from ovseg_ray.mining.pipeline import MiningConfig
 
     data = {
         "images": images or f"{root}/images",
@@ -137,7 +137,7 @@ def mined_pairs(ray_session, synth_dataset, tmp_path_factory):
     ``result.new_actors`` lists the actors Ray started for the run. Training tests train on these
     pairs; mining tests check them.
     """
-    from ovseg_ray.mining import mine_pairs
+    from ovseg_ray.mining.pipeline import mine_pairs
 
     out = tmp_path_factory.mktemp("mined")
     before = _actor_classes()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ovseg_ray.batch_segment import SegmentTask
+from ovseg_ray.evaluation.batch_segment import SegmentTask
 from ovseg_ray.device import (check_capacity, cluster_can_grow, is_device_failure, resolve_device, resolve_num_gpus,
                               worker_device)
 

@@ -12,15 +12,15 @@ import pytest
 import yaml
 from PIL import Image
 
-from ovseg_ray import metrics
-from ovseg_ray.batch_inference import ComputeConfig
+from ovseg_ray.evaluation import metrics
+from ovseg_ray.evaluation.engine import ComputeConfig
 from ovseg_ray.cli import main
 from ovseg_ray.config import ConfigError, load_config
 from ovseg_ray.data.benchmarks import class_list
 from ovseg_ray.data.images import load_image
 from ovseg_ray.data.readers import BenchmarkReader
-from ovseg_ray.eval_report import markdown_table
-from ovseg_ray.evaluation import EvalConfig, run_evaluation, settings_for
+from ovseg_ray.evaluation.report import markdown_table
+from ovseg_ray.evaluation.benchmark import EvalConfig, run_evaluation, settings_for
 from ovseg_ray.inference import Segmenter
 
 ADE_DIR = "ADEChallengeData2016"
@@ -88,7 +88,7 @@ def test_official_defaults_and_sweep_grid():
 
 
 def test_class_names_and_seen_split():
-    from ovseg_ray.evaluation import class_names_for, seen_indices
+    from ovseg_ray.evaluation.benchmark import class_names_for, seen_indices
 
     full = class_names_for("ade20k_847", "full")
     assert len(full) == len(set(full)) == 847 and full[1] == "building, edifice"

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovseg_ray.losses import (
+from ovseg_ray.training.losses import (
     contrastive_loss,
     duplicate_noun_mask,
     vocabulary_correct,
@@ -129,7 +129,7 @@ def _trainer_loss(embeddings, noun_ids, vocabulary, gather_negatives):
     """:meth:`RegionTrainer._loss` itself (the part that gathers and rescales), on a stand-in trainer."""
     from types import SimpleNamespace
 
-    from ovseg_ray.train_clip import RegionTrainer
+    from ovseg_ray.training.clip_steps import RegionTrainer
 
     trainer = SimpleNamespace(objective="clip", gather_negatives=gather_negatives, vocabulary=vocabulary,
                               logit_scale=100.0)

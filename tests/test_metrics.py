@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from ovseg_ray import metrics
-from ovseg_ray.metrics import IGNORE_INDEX
+from ovseg_ray.evaluation import metrics
+from ovseg_ray.evaluation.metrics import IGNORE_INDEX
 
 
 def _random_maps(rng, num_classes: int, images: int, gt_classes: np.ndarray, pred_classes: np.ndarray):

@@ -16,10 +16,10 @@ import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ovseg_ray import storage
+from ovseg_ray.data import storage
 from ovseg_ray.config import ConfigError
-from ovseg_ray.matching import masks_at_size, match_nouns
-from ovseg_ray.mining import (
+from ovseg_ray.mining.matching import masks_at_size, match_nouns
+from ovseg_ray.mining.pipeline import (
     InjectedFailure,
     MatchingStage,
     OutputLayout,
@@ -28,7 +28,7 @@ from ovseg_ray.mining import (
     plan_pools,
     prepare_images,
 )
-from ovseg_ray.nouns import get_extractor
+from ovseg_ray.mining.nouns import get_extractor
 
 from conftest import mining_test_config
 
@@ -194,8 +194,8 @@ def test_pairs_equal_a_sequential_reference(local_run, coco, synth_dataset, tiny
     the cosine of the noun's text embedding and the written mask's region embedding."""
     from ovseg_ray.data.images import load_image
     from ovseg_ray.inference import Segmenter, image_to_tensor
-    from ovseg_ray.matching import NounMatcher, ProposalMasks
-    from ovseg_ray.pairs import encode_mask
+    from ovseg_ray.mining.matching import NounMatcher, ProposalMasks
+    from ovseg_ray.data.pairs import encode_mask
 
     torch.set_num_threads(1)  # as in the actors, so that float results match bit for bit
     _, out = local_run

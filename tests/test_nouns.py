@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ovseg_ray.nouns import DOWNLOAD_COMMAND, NounExtractor, get_extractor, singularize
+from ovseg_ray.mining.nouns import DOWNLOAD_COMMAND, NounExtractor, get_extractor, singularize
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -116,7 +116,7 @@ def _run_python(code: str, nltk_data: Path, tmp_path: Path) -> subprocess.Comple
 def test_missing_tagger_prints_download_command(tmp_path):
     empty = tmp_path / "nltk_empty"
     empty.mkdir()
-    proc = _run_python("from ovseg_ray.nouns import extract_nouns; extract_nouns('a dog')", empty, tmp_path)
+    proc = _run_python("from ovseg_ray.mining.nouns import extract_nouns; extract_nouns('a dog')", empty, tmp_path)
     assert proc.returncode != 0
     assert "MissingNltkData" in proc.stderr
     assert "averaged_perceptron_tagger_eng" in proc.stderr

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ovseg_ray import storage
+from ovseg_ray.data import storage
 from ovseg_ray.data.images import ImageDecodeError
 from ovseg_ray.data.readers import BENCHMARKS, BenchmarkReader, benchmark_layout, decode_label
-from ovseg_ray.metrics import IGNORE_INDEX
+from ovseg_ray.evaluation.metrics import IGNORE_INDEX
 
 # (benchmark, classes, ignore value, label file type, PIL mode the file must be stored in)
 FORMATS = [

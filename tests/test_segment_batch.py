@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
-from ovseg_ray.batch_segment import SegmentBatchConfig, check_run_record, resolve_classes
+from ovseg_ray.evaluation.batch_segment import SegmentBatchConfig, check_run_record, resolve_classes
 from ovseg_ray.cli import main
 from ovseg_ray.data.images import decode_label_png
-from ovseg_ray.pairs import decode_mask
+from ovseg_ray.data.pairs import decode_mask
 
 CLASSES = "sky,wall,grass,water,sand,road,floor,ball,car,boat,bottle,clock,kite,star"
 CLASS_LIST = CLASSES.split(",")

@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from ovseg_ray import storage
+from ovseg_ray.data import storage
 from ovseg_ray.config import ConfigError
 from ovseg_ray.data.images import ImageDecodeError, decode_image, decode_label_png, encode_png, load_image
 from ovseg_ray.serving.api import (
@@ -334,7 +334,7 @@ def test_health_info_and_openapi_docs(service):
 
 
 def test_python_client(service, images, library, s3_bucket):
-    from ovseg_ray.client import OVSegClient, OVSegError, overlay_image
+    from ovseg_ray.serving.client import OVSegClient, OVSegError, overlay_image
 
     image = images[3]
     expected = library.segment(image.array, CLASSES).labels

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
-from ovseg_ray import storage
+from ovseg_ray.data import storage
 from ovseg_ray.cli import main as cli
 from ovseg_ray.config import ConfigError, load_config
 from ovseg_ray.data.images import load_image
@@ -34,11 +34,11 @@ from ovseg_ray.weights.errors import CheckpointMismatchError
 from ovseg_ray.models.ovseg import build_model
 from ovseg_ray.models.regions import RegionPreprocessor
 from ovseg_ray.models.text import VILD_TEMPLATES, TextEmbedder
-from ovseg_ray.pairs import PAIR_SCHEMA, encode_mask
-from ovseg_ray.train_clip import PROMPTS_KEY, RegionTrainer, build_training_model, cosine_schedule, select_trainable
-from ovseg_ray.pairs import rle_total_pixels
-from ovseg_ray.train_pairs import batch_tensors, checked_mask, coco_instance_pairs, decode_pairs
-from ovseg_ray.training import TrainClipConfig, _check_run_record, _resolve_use_gpu, load_pairs, train_clip
+from ovseg_ray.data.pairs import PAIR_SCHEMA, encode_mask
+from ovseg_ray.training.clip_steps import PROMPTS_KEY, RegionTrainer, build_training_model, cosine_schedule, select_trainable
+from ovseg_ray.data.pairs import rle_total_pixels
+from ovseg_ray.training.pair_batches import batch_tensors, checked_mask, coco_instance_pairs, decode_pairs
+from ovseg_ray.training.engine import TrainClipConfig, _check_run_record, _resolve_use_gpu, load_pairs, train_clip
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_REGION = 64  # CLIP input size of the tiny preset
@@ -461,7 +461,7 @@ def test_ft_mpt_chain_from_the_ft_model_with_everything_on_s3(ft_run, synth_data
 def test_pair_files_of_a_mining_output_are_its_committed_shards(mined_pairs, tmp_path, caplog):
     import shutil
 
-    from ovseg_ray.training import pair_files
+    from ovseg_ray.training.engine import pair_files
 
     root = tmp_path / "mined"
     shutil.copytree(mined_pairs[1], root)

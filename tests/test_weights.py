@@ -352,7 +352,7 @@ def test_mismatches_in_files_are_named_and_wrong_preset_is_pointed_out(tmp_path,
 # ---- acceptance 4: convert then segment, local and S3 -------------------------------------------------
 
 def _labels_from(uri_prefix: str, stem: str) -> np.ndarray:
-    from ovseg_ray import storage
+    from ovseg_ray.data import storage
 
     data = storage.read_bytes(f"{uri_prefix}/{stem}.labels.png")
     return np.asarray(Image.open(io.BytesIO(data)))

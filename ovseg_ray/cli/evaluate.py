@@ -26,13 +26,13 @@ from .common import add_config_command
 
 
 def register(subparsers) -> None:
-    from ..evaluation import EvalConfig
+    from ..evaluation.benchmark import EvalConfig
 
     add_config_command(subparsers, "eval", "zero-shot evaluation on the standard benchmarks", __doc__, EvalConfig, run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import EvalConfig, run_evaluation
+    from ..evaluation.benchmark import EvalConfig, run_evaluation
 
     config = config_from_args(args, EvalConfig)
     results = run_evaluation(config)

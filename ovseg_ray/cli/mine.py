@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from ..config import config_from_args
-from ..mining import MiningConfig
+from ..mining.pipeline import MiningConfig
 from .common import add_config_command
 
 
@@ -22,8 +22,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..mining import InjectedFailure, mine_pairs
-    from ..nouns import load_nltk_resources
+    from ..mining.pipeline import InjectedFailure, mine_pairs
+    from ..mining.nouns import load_nltk_resources
     from ..raycluster import init_ray
 
     config = config_from_args(args, MiningConfig)

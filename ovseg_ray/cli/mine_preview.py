@@ -18,7 +18,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..preview import write_contact_sheet
+    from ..mining.preview import write_contact_sheet
 
     count = write_contact_sheet(args.pairs, args.out, num=args.num, seed=args.seed, tile=args.tile)
     print(f"wrote {count} pairs to {args.out}")

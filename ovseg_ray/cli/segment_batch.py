@@ -16,14 +16,14 @@ from .common import add_config_command
 
 
 def register(subparsers) -> None:
-    from ..batch_segment import SegmentBatchConfig
+    from ..evaluation.batch_segment import SegmentBatchConfig
 
     add_config_command(subparsers, "segment-batch", "segment a folder or s3:// prefix of images on Ray", __doc__,
                        SegmentBatchConfig, run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..batch_segment import SegmentBatchConfig, run_segment_batch
+    from ..evaluation.batch_segment import SegmentBatchConfig, run_segment_batch
 
     summary = run_segment_batch(config_from_args(args, SegmentBatchConfig))
     return 1 if summary["errors"] and not (summary["segmented"] or summary["existing"]) else 0

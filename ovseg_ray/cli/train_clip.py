@@ -19,7 +19,7 @@ import argparse
 import sys
 
 from ..config import config_from_args
-from ..training import TrainClipConfig
+from ..training.engine import TrainClipConfig
 from .common import add_config_command
 
 
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from ray.train import TrainingFailedError
 
     from ..raycluster import init_ray
-    from ..training import train_clip
+    from ..training.engine import train_clip
 
     config = config_from_args(args, TrainClipConfig)
     init_ray(args.address)

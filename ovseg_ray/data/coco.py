@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from pycocotools.coco import COCO
 
-from .. import storage
+from . import storage
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .. import storage
+from . import storage
 
 Image.MAX_IMAGE_PIXELS = None  # the size limit is checked here, on the header, with a clear message
 

@@ -23,8 +23,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from .. import storage
-from ..metrics import IGNORE_INDEX
+from . import storage
+from ..evaluation.metrics import IGNORE_INDEX
 from .benchmarks import ClassList, class_list
 from .images import ImageDecodeError, decode_label_png
 

@@ -72,7 +72,7 @@ def load_preset(name: str) -> OVSegConfig:
         data.setdefault("mask_threshold", PRESET_MASK_THRESHOLDS[name])
         return OVSegConfig.model_validate(data)
     if name.endswith(".json"):
-        from .. import storage
+        from ..data import storage
 
         try:
             data = json.loads(storage.read_bytes(name))

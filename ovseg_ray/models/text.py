@@ -52,7 +52,7 @@ def clean_class_names(names: Sequence[str]) -> list[str]:
 
 def read_class_file(uri: str) -> list[str]:
     """Class names from a file (path or s3://), one per line, blank lines skipped; then cleaned."""
-    from .. import storage
+    from ..data import storage
 
     names = [line.strip() for line in storage.read_bytes(uri).decode("utf-8").splitlines() if line.strip()]
     if not names:

@@ -19,7 +19,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, ValidationError
 
-from .. import storage
+from ..data import storage
 from ..config import StrictModel, format_validation_error
 from ..data.images import ImageDecodeError, ImageTooLargeError, decode_image
 from ..inference import SegmentationResult, vocabulary

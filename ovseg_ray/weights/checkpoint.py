@@ -8,7 +8,7 @@ from collections.abc import Callable, Collection, Mapping
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
-from .. import storage
+from ..data import storage
 from .errors import CheckpointMismatchError
 from .readers import read_tensors
 

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file as load_safetensors_file
 
-from .. import storage
+from ..data import storage
 from .errors import CheckpointError
 
 # Where the state dict sits inside common checkpoint wrappers, outermost first.

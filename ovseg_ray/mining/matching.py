@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .inference import Segmenter, image_to_tensor
+from ..inference import Segmenter, image_to_tensor
 
 
 @dataclass

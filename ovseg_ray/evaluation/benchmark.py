@@ -20,13 +20,13 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from . import metrics
-from .batch_inference import ComputeConfig, inference_stage
-from .config import ModelConfig, StrictModel
-from .data.benchmarks import class_list
-from .data.images import ImageDecodeError, decode_image
-from .data.readers import BENCHMARKS, BenchmarkLayout, BenchmarkReader, decode_label
-from .device import is_device_failure
-from .models.official import BENCHMARK_LAMBDAS
+from .engine import ComputeConfig, inference_stage
+from ..config import ModelConfig, StrictModel
+from ..data.benchmarks import class_list
+from ..data.images import ImageDecodeError, decode_image
+from ..data.readers import BENCHMARKS, BenchmarkLayout, BenchmarkReader, decode_label
+from ..device import is_device_failure
+from ..models.official import BENCHMARK_LAMBDAS
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def check_seen_classes(config: EvalConfig) -> None:
 def evaluate_benchmark(config: EvalConfig, benchmark: str) -> tuple[dict, np.ndarray]:
     """Run one benchmark through the inference stage: its results dict and the (settings, N, N)
     confusion matrices (written by the caller)."""
-    from .models.ovseg import load_preset
+    from ..models.ovseg import load_preset
 
     reader = BenchmarkReader(benchmark, config.dataset_root, config.split_files.get(benchmark), config.limit)
     samples = reader.samples()
@@ -276,8 +276,8 @@ def evaluate_benchmark(config: EvalConfig, benchmark: str) -> tuple[dict, np.nda
 
 def run_evaluation(config: EvalConfig) -> dict:
     """Evaluate every configured benchmark; write ``results.json``, ``table.md`` and the per-class charts."""
-    from .eval_report import write_benchmark_report, write_confusion, write_reports
-    from .raycluster import init_ray
+    from .report import write_benchmark_report, write_confusion, write_reports
+    from ..raycluster import init_ray
 
     check_seen_classes(config)
     init_ray()

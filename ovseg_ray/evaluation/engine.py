@@ -19,8 +19,8 @@ from typing import Any, Protocol
 import pyarrow as pa
 from pydantic import Field
 
-from . import storage
-from .config import ActorPoolConfig, ModelConfig
+from ..data import storage
+from ..config import ActorPoolConfig, ModelConfig
 
 
 class ComputeConfig(ActorPoolConfig):
@@ -62,9 +62,9 @@ class SegmenterActor:
     """A Ray Data callable class: builds the model once, then runs ``task`` on every row."""
 
     def __init__(self, model: ModelConfig, task: ImageTask):
-        from .device import worker_device
-        from .inference import Segmenter
-        from .models.ovseg import build_model
+        from ..device import worker_device
+        from ..inference import Segmenter
+        from ..models.ovseg import build_model
 
         device = worker_device(model.device)
         self.segmenter = Segmenter(build_model(model.preset, weights=model.weights, device=device, seed=model.seed))
@@ -97,7 +97,7 @@ def inference_stage(items: list[dict], model: ModelConfig, compute: ComputeConfi
     """
     import ray
 
-    from .device import check_capacity, resolve_num_gpus
+    from ..device import check_capacity, resolve_num_gpus
 
     num_gpus = resolve_num_gpus(compute.num_gpus)
     ds = items_dataset(items, compute.batch_size)

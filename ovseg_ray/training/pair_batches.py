@@ -11,13 +11,13 @@ import json
 import numpy as np
 import torch
 
-from . import storage
-from .data.images import load_image
-from .inference import image_to_tensor, resize_image
-from .models.ovseg import OVSegConfig
-from .models.regions import RegionPreprocessor
-from .models.text import MAX_NAME_CHARS
-from .pairs import decode_mask
+from ..data import storage
+from ..data.images import load_image
+from ..inference import image_to_tensor, resize_image
+from ..models.ovseg import OVSegConfig
+from ..models.regions import RegionPreprocessor
+from ..models.text import MAX_NAME_CHARS
+from ..data.pairs import decode_mask
 
 REQUIRED_PAIR_COLUMNS = ("image_uri", "noun", "rle_counts", "rle_size")
 
@@ -106,7 +106,7 @@ def coco_instance_pairs(dataset_root: str, annotations: str = "annotations/insta
     import pyarrow as pa
     from pycocotools import mask as mask_utils
 
-    from .pairs import PAIR_SCHEMA
+    from ..data.pairs import PAIR_SCHEMA
 
     data = json.loads(storage.read_bytes(storage.join(dataset_root, annotations)))
     names = {c["id"]: c["name"] for c in data["categories"]}
@@ -136,7 +136,7 @@ def region_size(config: OVSegConfig) -> int:
     """The CLIP input size of a model config, without building the model."""
     import open_clip
 
-    from .models.clip import register_clip_configs
+    from ..models.clip import register_clip_configs
 
     register_clip_configs()
     vision = open_clip.get_model_config(config.clip_arch)["vision_cfg"]

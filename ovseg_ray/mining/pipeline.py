@@ -56,12 +56,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from . import storage
-from .batch_inference import items_dataset
-from .config import ActorPoolConfig, ConfigError, ModelPreset, StrictModel, settings_changes
-from .device import is_device_failure
-from .data.coco import CocoCaptions, Shard, shard_name
-from .pairs import ERROR_SCHEMA, PAIR_SCHEMA, decode_mask, encode_mask
+from ..data import storage
+from ..evaluation.engine import items_dataset
+from ..config import ActorPoolConfig, ConfigError, ModelPreset, StrictModel, settings_changes
+from ..device import is_device_failure
+from ..data.coco import CocoCaptions, Shard, shard_name
+from ..data.pairs import ERROR_SCHEMA, PAIR_SCHEMA, decode_mask, encode_mask
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def _image_from_row(row: dict) -> np.ndarray:
 
 def prepare_images(batch: pa.Table, compounds: bool, extra_blocklist: list[str], max_image_pixels: int) -> pa.Table:
     """Ray Data task: nouns of each image's captions, then the decoded image (or the error)."""
-    from .data.images import ImageDecodeError, ImageTooLargeError, load_image
+    from ..data.images import ImageDecodeError, ImageTooLargeError, load_image
     from .nouns import get_extractor
 
     extractor = get_extractor(compounds, extra_blocklist)
@@ -215,7 +215,7 @@ def prepare_images(batch: pa.Table, compounds: bool, extra_blocklist: list[str],
 
 def load_model_config(preset: str):
     """The :class:`OVSegConfig` of a preset name or of a model config JSON (path or s3://)."""
-    from .models.ovseg import load_preset
+    from ..models.ovseg import load_preset
 
     try:
         return load_preset(preset)
@@ -226,8 +226,8 @@ def load_model_config(preset: str):
 def _build_segmenter(preset: str, weights: str | None, seed: int, device: str, threads: int):
     import torch
 
-    from .inference import Segmenter
-    from .models.ovseg import build_model
+    from ..inference import Segmenter
+    from ..models.ovseg import build_model
 
     torch.set_num_threads(max(1, threads))
     return Segmenter(build_model(load_model_config(preset), weights=weights, device=device, seed=seed))
@@ -485,7 +485,7 @@ def plan_pools(config: MiningConfig) -> tuple[PoolPlan, PoolPlan]:
     The minimum actors of both pools plus one loading task must fit the cluster at once, or Ray
     Data would wait forever for resources that never free up.
     """
-    from .device import check_capacity, resolve_num_gpus
+    from ..device import check_capacity, resolve_num_gpus
 
     pools = tuple(
         PoolPlan(name, stage.min_actors, stage.max_actors, stage.num_cpus, resolve_num_gpus(stage.num_gpus),

@@ -25,13 +25,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import storage
+from ..data import storage
 from .losses import contrastive_loss, vocabulary_correct, vocabulary_loss
-from .models.ovseg import OVSegConfig, OVSegModel, build_model, load_preset
-from .weights import load_clip_weights, load_model_weights
-from .weights.checkpoint import read_checkpoint, save_checkpoint
-from .weights.errors import CheckpointError
-from .weights.keymaps import PROMPTS_KEY
+from ..models.ovseg import OVSegConfig, OVSegModel, build_model, load_preset
+from ..weights import load_clip_weights, load_model_weights
+from ..weights.checkpoint import read_checkpoint, save_checkpoint
+from ..weights.errors import CheckpointError
+from ..weights.keymaps import PROMPTS_KEY
 
 MODES = ("ft", "mpt", "ft-mpt")
 OBJECTIVES = ("clip", "vocab")

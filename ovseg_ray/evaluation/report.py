@@ -14,8 +14,8 @@ import json
 
 import numpy as np
 
-from . import storage
-from .data.readers import BENCHMARKS, SHORT_NAMES
+from ..data import storage
+from ..data.readers import BENCHMARKS, SHORT_NAMES
 
 # mIoU (%) reported for OVSeg in the paper's Table 1, for reference next to a run's own numbers.
 PAPER_ROWS = {

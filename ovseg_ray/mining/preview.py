@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from . import storage
-from .data.images import encode_png, load_image
-from .pairs import PAIR_SCHEMA, decode_mask
+from ..data import storage
+from ..data.images import encode_png, load_image
+from ..data.pairs import PAIR_SCHEMA, decode_mask
 
 CAPTION_HEIGHT = 22
 OUTLINE = (255, 220, 0)
@@ -23,7 +23,7 @@ OUTLINE = (255, 220, 0)
 
 def pair_files(uri: str) -> list[str]:
     """Parquet files of a mining output (its committed shards), a folder of Parquet, or one file."""
-    from .mining import OutputLayout
+    from .pipeline import OutputLayout
 
     layout = OutputLayout.find(uri)
     if layout is not None:

@@ -30,12 +30,12 @@ import pyarrow.parquet as pq
 import yaml
 from pydantic import Field, model_validator
 
-from . import storage
-from .batch_inference import ComputeConfig, inference_stage, items_dataset
-from .config import ModelConfig, StrictModel
-from .data.images import ImageDecodeError, decode_image
-from .device import is_device_failure
-from .outputs import OUTPUT_SUFFIXES, result_summary, segmentation_paths, write_segmentation
+from ..data import storage
+from .engine import ComputeConfig, inference_stage, items_dataset
+from ..config import ModelConfig, StrictModel
+from ..data.images import ImageDecodeError, decode_image
+from ..device import is_device_failure
+from ..outputs import OUTPUT_SUFFIXES, result_summary, segmentation_paths, write_segmentation
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 RUN_FILE = "run.yaml"  # not .json: no image output can be named like it
@@ -84,7 +84,7 @@ class SegmentBatchConfig(StrictModel):
 
 
 def resolve_classes(config: SegmentBatchConfig) -> list[str]:
-    from .models.text import clean_class_names, read_class_file
+    from ..models.text import clean_class_names, read_class_file
 
     return read_class_file(config.classes_file) if config.classes_file else clean_class_names(config.classes)
 
@@ -262,7 +262,7 @@ class ParquetSink:
 
 def run_segment_batch(config: SegmentBatchConfig) -> dict:
     """Segment every image under ``config.input``; returns the counts and the index/errors URIs."""
-    from .raycluster import init_ray
+    from ..raycluster import init_ray
 
     classes = resolve_classes(config)
     rows, clashes = list_inputs(config.input, config.out)

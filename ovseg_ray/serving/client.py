@@ -1,6 +1,6 @@
 """A small Python client for the OVSeg HTTP service (``ovseg-ray serve``).
 
-    from ovseg_ray.client import OVSegClient
+    from ovseg_ray.serving.client import OVSegClient
 
     with OVSegClient("http://127.0.0.1:8000") as client:
         result = client.segment("street.jpg", ["road", "car", "tree", "sky"], outputs=["label_png", "rle"])
@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import httpx
 import numpy as np
 
-from . import storage
-from .data.images import decode_label_png, encode_png
+from ..data import storage
+from ..data.images import decode_label_png, encode_png
 
 
 class OVSegError(RuntimeError):

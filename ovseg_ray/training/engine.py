@@ -24,9 +24,9 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from . import storage
-from .config import ConfigError, ModelPreset, StrictModel, settings_changes
-from .train_clip import (
+from ..data import storage
+from ..config import ConfigError, ModelPreset, StrictModel, settings_changes
+from .clip_steps import (
     SUMMARY_FILE,
     build_training_model,
     export_model,
@@ -35,8 +35,8 @@ from .train_clip import (
     optimizer_settings,
     save_training_checkpoint,
 )
-from .train_pairs import REQUIRED_PAIR_COLUMNS, batch_tensors, decode_pairs, noun_problem, region_size
-from .weights.readers import safetensors_metadata
+from .pair_batches import REQUIRED_PAIR_COLUMNS, batch_tensors, decode_pairs, noun_problem, region_size
+from ..weights.readers import safetensors_metadata
 
 logger = logging.getLogger(__name__)
 RUN_RECORD = "train_clip_config.json"
@@ -174,7 +174,7 @@ def _check_start_weights(config: TrainClipConfig) -> None:
 
 
 def _resolve_use_gpu(config: TrainClipConfig) -> bool:
-    from .device import resolve_num_gpus
+    from ..device import resolve_num_gpus
 
     requested = config.run.use_gpu
     use_gpu = resolve_num_gpus("auto" if requested == "auto" else (1 if requested else 0)) > 0
@@ -186,7 +186,7 @@ def _resolve_use_gpu(config: TrainClipConfig) -> bool:
 
 def _check_cpu_budget(config: TrainClipConfig, use_gpu: bool) -> None:
     """Training workers plus one decoding task must fit a fixed cluster, or the run would wait forever."""
-    from .device import check_capacity
+    from ..device import check_capacity
 
     workers = config.run.num_workers * config.run.cpus_per_worker
     what = (f"{config.run.num_workers} workers x run.cpus_per_worker {config.run.cpus_per_worker:g}"
@@ -212,7 +212,7 @@ def _filesystem(uri: str):
 def pair_files(uri: str) -> list[str]:
     """The Parquet to train on. For a mining output (its root or its ``pairs/`` folder) these are the
     pair files of the committed shards only: never its errors table nor a crashed shard's leftovers."""
-    from .mining import OutputLayout
+    from ..mining.pipeline import OutputLayout
 
     layout = OutputLayout.find(uri)
     if layout is None:
@@ -366,8 +366,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from .models.text import TEMPLATE_SETS, TextEmbedder
-    from .train_clip import RegionTrainer
+    from ..models.text import TEMPLATE_SETS, TextEmbedder
+    from .clip_steps import RegionTrainer
 
     logging.getLogger("ovseg_ray").setLevel(logging.INFO)  # progress lines reach Ray's worker log and driver
     config = TrainClipConfig.model_validate(loop_config["config"])
