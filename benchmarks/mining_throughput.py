@@ -69,7 +69,7 @@ def sequential_loop(dataset, preset: str, threshold: float | None, out: Path) ->
     from ovseg_ray.data.images import load_image
     from ovseg_ray.inference import Segmenter
     from ovseg_ray.mining.matching import NounMatcher, ProposalMasks
-    from ovseg_ray.mining.pipeline import load_model_config
+    from ovseg_ray.mining.stages import load_model_config
     from ovseg_ray.models.ovseg import build_model
     from ovseg_ray.mining.nouns import get_extractor
     from ovseg_ray.data.pairs import PAIR_SCHEMA, encode_mask
@@ -117,7 +117,8 @@ def sequential_loop(dataset, preset: str, threshold: float | None, out: Path) ->
 
 
 def pipeline_run(args, data: Path, preset: str, out: Path):
-    from ovseg_ray.mining.pipeline import MiningConfig, mine_pairs
+    from ovseg_ray.mining.config import MiningConfig
+    from ovseg_ray.mining.pipeline import mine_pairs
 
     stage = {"preset": preset, "batch_size": args.batch_size, "num_cpus": args.actor_cpus}
     config = MiningConfig(

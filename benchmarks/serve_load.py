@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from ovseg_ray.data.synth import generate_dataset
     from ovseg_ray.raycluster import init_ray
-    from ovseg_ray.serving import ServeConfig, deploy
+    from ovseg_ray.serving.app import deploy
+    from ovseg_ray.serving.config import ServeConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         generate_dataset(tmp, images=args.images, seed=0, eval_images=2)

@@ -108,7 +108,7 @@ def tiny_model():
 
 def mining_test_config(root, output: str, images: str | None = None, captions: str | None = None, **overrides):
     """Mining config for tests: tiny preset, 4-image shards, both pools plus loading fit 2 CPUs."""
-    from ovseg_ray.mining.pipeline import MiningConfig
+    from ovseg_ray.mining.config import MiningConfig
 
     data = {
         "images": images or f"{root}/images",

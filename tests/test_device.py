@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from ovseg_ray.evaluation.batch_segment import SegmentTask
-from ovseg_ray.device import (check_capacity, cluster_can_grow, is_device_failure, resolve_device, resolve_num_gpus,
-                              worker_device)
+from ovseg_ray.device import is_device_failure, resolve_device
+from ovseg_ray.raycluster import check_capacity, cluster_can_grow, resolve_num_gpus, worker_device
 
 
 def test_fixed_local_cluster_refuses_what_it_cannot_hold(ray_session):
@@ -29,7 +29,7 @@ def test_joined_cluster_may_grow_so_requests_only_warn(ray_session, monkeypatch,
 
     monkeypatch.setattr(ray._private.worker._global_node, "head", False)  # as after ray.init(address=...)
     assert cluster_can_grow()
-    with caplog.at_level(logging.WARNING, logger="ovseg_ray.device"):
+    with caplog.at_level(logging.WARNING, logger="ovseg_ray.raycluster"):
         assert resolve_num_gpus(0.5) == 0.5
         check_capacity(16, 4, "pools", "lower it")
     assert "waiting for its autoscaler to add GPU nodes" in caplog.text

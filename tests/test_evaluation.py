@@ -13,14 +13,15 @@ import yaml
 from PIL import Image
 
 from ovseg_ray.evaluation import metrics
-from ovseg_ray.evaluation.engine import ComputeConfig
+from ovseg_ray.evaluation.config import ComputeConfig
 from ovseg_ray.cli import main
 from ovseg_ray.config import ConfigError, load_config
 from ovseg_ray.data.benchmarks import class_list
 from ovseg_ray.data.images import load_image
 from ovseg_ray.data.readers import BenchmarkReader
 from ovseg_ray.evaluation.report import markdown_table
-from ovseg_ray.evaluation.benchmark import EvalConfig, run_evaluation, settings_for
+from ovseg_ray.evaluation.benchmark import EvalConfig, settings_for
+from ovseg_ray.evaluation.engine import run_evaluation
 from ovseg_ray.inference import Segmenter
 
 ADE_DIR = "ADEChallengeData2016"

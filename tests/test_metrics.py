@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ovseg_ray.evaluation import metrics
-from ovseg_ray.evaluation.metrics import IGNORE_INDEX
+from ovseg_ray.data.readers import IGNORE_INDEX
 
 
 def _random_maps(rng, num_classes: int, images: int, gt_classes: np.ndarray, pred_classes: np.ndarray):

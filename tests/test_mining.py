@@ -19,15 +19,9 @@ from pycocotools import mask as mask_utils
 from ovseg_ray.data import storage
 from ovseg_ray.config import ConfigError
 from ovseg_ray.mining.matching import masks_at_size, match_nouns
-from ovseg_ray.mining.pipeline import (
-    InjectedFailure,
-    MatchingStage,
-    OutputLayout,
-    ProposalStage,
-    mine_pairs,
-    plan_pools,
-    prepare_images,
-)
+from ovseg_ray.data.pair_store import OutputLayout
+from ovseg_ray.mining.pipeline import InjectedFailure, mine_pairs, plan_pools
+from ovseg_ray.mining.stages import MatchingStage, ProposalStage, prepare_images
 from ovseg_ray.mining.nouns import get_extractor
 
 from conftest import mining_test_config

@@ -12,8 +12,7 @@ from PIL import Image
 
 from ovseg_ray.data import storage
 from ovseg_ray.data.images import ImageDecodeError
-from ovseg_ray.data.readers import BENCHMARKS, BenchmarkReader, benchmark_layout, decode_label
-from ovseg_ray.evaluation.metrics import IGNORE_INDEX
+from ovseg_ray.data.readers import BENCHMARKS, IGNORE_INDEX, BenchmarkReader, benchmark_layout, decode_label
 
 # (benchmark, classes, ignore value, label file type, PIL mode the file must be stored in)
 FORMATS = [

@@ -473,10 +473,12 @@ def test_serve_config_validation_names_the_field(tmp_path):
         path.write_text(yaml.safe_dump(data))
         with pytest.raises(ConfigError, match=field.replace("(", r"\(").replace(")", r"\)")):
             load_serve_config(str(path))
-    options = ServeConfig().classifier.deployment_options()  # no Ray here: "auto" means no GPU
+    from ovseg_ray.serving.app import deployment_options
+
+    options = deployment_options(ServeConfig().classifier)  # no Ray here: "auto" means no GPU
     assert options["ray_actor_options"]["num_gpus"] == 0 and options["num_replicas"] == 1
     with pytest.raises(ValueError, match="no GPUs"):
-        ServeConfig(classifier={"num_gpus": 0.5}).classifier.deployment_options()
+        deployment_options(ServeConfig(classifier={"num_gpus": 0.5}).classifier)
 
 
 def test_cluster_serve_config_is_a_valid_serve_deploy_file(tmp_path):

@@ -35,10 +35,12 @@ from ovseg_ray.models.ovseg import build_model
 from ovseg_ray.models.regions import RegionPreprocessor
 from ovseg_ray.models.text import VILD_TEMPLATES, TextEmbedder
 from ovseg_ray.data.pairs import PAIR_SCHEMA, encode_mask
-from ovseg_ray.training.clip_steps import PROMPTS_KEY, RegionTrainer, build_training_model, cosine_schedule, select_trainable
+from ovseg_ray.weights.keymaps import PROMPTS_KEY
+from ovseg_ray.training.clip_steps import RegionTrainer, build_training_model, cosine_schedule, select_trainable
 from ovseg_ray.data.pairs import rle_total_pixels
 from ovseg_ray.training.pair_batches import batch_tensors, checked_mask, coco_instance_pairs, decode_pairs
-from ovseg_ray.training.engine import TrainClipConfig, _check_run_record, _resolve_use_gpu, load_pairs, train_clip
+from ovseg_ray.training.config import TrainClipConfig, check_run_record
+from ovseg_ray.training.engine import _resolve_use_gpu, load_pairs, train_clip
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_REGION = 64  # CLIP input size of the tiny preset
@@ -263,11 +265,11 @@ def test_config_errors_name_the_field(tmp_path):
 
 def test_resuming_with_other_settings_is_refused(tmp_path):
     first = _config("p.parquet", **{"run.storage_path": str(tmp_path)})
-    _check_run_record(first, str(tmp_path / "run"))
-    _check_run_record(first, str(tmp_path / "run"))  # same settings: fine
+    check_run_record(first, str(tmp_path / "run"))
+    check_run_record(first, str(tmp_path / "run"))  # same settings: fine
     second = _config("p.parquet", **{"run.storage_path": str(tmp_path), "optim.epochs": 9})
     with pytest.raises(ConfigError, match=r"optim.epochs: 5 -> 9"):
-        _check_run_record(second, str(tmp_path / "run"))
+        check_run_record(second, str(tmp_path / "run"))
 
 
 def test_inputs_and_cpu_budget_are_checked_before_training(ray_session, gt_pairs, tmp_path):
@@ -461,7 +463,7 @@ def test_ft_mpt_chain_from_the_ft_model_with_everything_on_s3(ft_run, synth_data
 def test_pair_files_of_a_mining_output_are_its_committed_shards(mined_pairs, tmp_path, caplog):
     import shutil
 
-    from ovseg_ray.training.engine import pair_files
+    from ovseg_ray.training.config import pair_files
 
     root = tmp_path / "mined"
     shutil.copytree(mined_pairs[1], root)

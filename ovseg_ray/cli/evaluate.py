@@ -32,7 +32,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.benchmark import EvalConfig, run_evaluation
+    from ..evaluation.benchmark import EvalConfig
+    from ..evaluation.engine import run_evaluation
 
     config = config_from_args(args, EvalConfig)
     results = run_evaluation(config)

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from ..config import config_from_args
-from ..mining.pipeline import MiningConfig
+from ..mining.config import MiningConfig
 from .common import add_config_command
 
 

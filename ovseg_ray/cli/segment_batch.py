@@ -23,7 +23,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.batch_segment import SegmentBatchConfig, run_segment_batch
+    from ..evaluation.batch_segment import SegmentBatchConfig
+    from ..evaluation.engine import run_segment_batch
 
     summary = run_segment_batch(config_from_args(args, SegmentBatchConfig))
     return 1 if summary["errors"] and not (summary["segmented"] or summary["existing"]) else 0

@@ -24,7 +24,6 @@ from functools import lru_cache
 import numpy as np
 
 from . import storage
-from ..evaluation.metrics import IGNORE_INDEX
 from .benchmarks import ClassList, class_list
 from .images import ImageDecodeError, decode_label_png
 
@@ -46,6 +45,8 @@ _INDEX_FROM = {
     "pascal_context_59": "labels",
     "pascal_voc_20": "labels",
 }
+#: Ground-truth pixels that count for no class (every benchmark's ignore value is mapped to it).
+IGNORE_INDEX = -1
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 

@@ -19,19 +19,16 @@ import json
 import os
 import posixpath
 import tempfile
-from collections import Counter
 from dataclasses import dataclass
-from itertools import chain
 from typing import Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 from pydantic import Field, model_validator
 
 from ..data import storage
-from .engine import ComputeConfig, inference_stage, items_dataset
+from .config import ComputeConfig
 from ..config import ModelConfig, StrictModel
 from ..data.images import ImageDecodeError, decode_image
 from ..device import is_device_failure
@@ -258,59 +255,3 @@ class ParquetSink:
             fs.put_file(self.tmp, path)
         finally:
             os.remove(self.tmp)
-
-
-def run_segment_batch(config: SegmentBatchConfig) -> dict:
-    """Segment every image under ``config.input``; returns the counts and the index/errors URIs."""
-    from ..raycluster import init_ray
-
-    classes = resolve_classes(config)
-    rows, clashes = list_inputs(config.input, config.out)
-    check_run_record(config, classes)
-    done = set() if config.overwrite else finished_stems(config.out)
-    todo = [r for r in rows if r["stem"] not in done]
-    existing = [r for r in rows if r["stem"] in done]
-    print(f"segment-batch: {len(rows) + len(clashes)} images under {config.input}: {len(todo)} to segment, "
-          f"{len(existing)} already done; {len(classes)} classes")
-
-    init_ray()
-    batches = [pa.Table.from_pylist(
-        [error_row(c["image_uri"], c["stem"], c["reason"]) for c in clashes], schema=RESULT_SCHEMA)]
-    if existing:
-        ds = items_dataset(existing, 64).map_batches(
-            existing_rows, fn_kwargs={"out": config.out}, batch_format="pyarrow",
-            num_cpus=config.compute.fetch_num_cpus)
-        batches = chain(batches, ds.iter_batches(batch_format="pyarrow", batch_size=None))
-    if todo:
-        task = SegmentTask(config.out, classes, config.ensemble_lambda, config.mask_threshold, config.mode)
-        ds = inference_stage(todo, config.model, config.compute, task, fetch=("image_uri",))
-        batches = chain(batches, ds.iter_batches(batch_format="pyarrow", batch_size=None))
-
-    index = ParquetSink(storage.join(config.out, "index.parquet"), INDEX_SCHEMA)
-    errors = ParquetSink(storage.join(config.out, "errors.parquet"), ERROR_SCHEMA)
-    statuses: Counter[str] = Counter()
-    try:
-        for batch in batches:
-            batch = batch.cast(RESULT_SCHEMA)
-            failed = pc.equal(batch.column("status"), "error")
-            failures = batch.filter(failed)
-            index.write(batch.filter(pc.invert(failed)).select(INDEX_COLUMNS))
-            errors.write(failures.select(ERROR_SCHEMA.names))
-            statuses.update(batch.column("status").to_pylist())
-            for item in failures.select(["image_uri", "reason"]).to_pylist():
-                print(f"error: {item['image_uri']}: {item['reason']}")
-    finally:
-        index.close()
-        errors.close()
-    summary = {
-        "images": len(rows) + len(clashes),
-        "segmented": statuses["segmented"],
-        "existing": statuses["existing"],
-        "errors": statuses["error"],
-        "index": index.uri,
-        "errors_file": errors.uri,
-    }
-    print(f"segment-batch: {summary['segmented']} segmented, {summary['existing']} already done, "
-          f"{summary['errors']} failed, of {summary['images']} images -> {config.out} (index.parquet"
-          f"{', errors.parquet' if summary['errors'] else ''})")
-    return summary

@@ -2,7 +2,7 @@
 
 Per image the actor predicts a label map for every (lambda, mask threshold) setting and turns it and
 the ground truth into a sparse confusion matrix; the driver sums them per setting and computes the
-metrics (:mod:`ovseg_ray.metrics`, whose docstring states the conventions). A sweep costs one
+metrics (:mod:`ovseg_ray.evaluation.metrics`, whose docstring states the conventions). A sweep costs one
 MaskFormer pass per image, one CLIP region pass per threshold, and one fusion per lambda.
 """
 
@@ -20,7 +20,7 @@ import pyarrow as pa
 from pydantic import Field, field_validator
 
 from . import metrics
-from .engine import ComputeConfig, inference_stage
+from .config import ComputeConfig
 from ..config import ModelConfig, StrictModel
 from ..data.benchmarks import class_list
 from ..data.images import ImageDecodeError, decode_image
@@ -217,25 +217,23 @@ def check_seen_classes(config: EvalConfig) -> None:
         raise ValueError(f"seen_classes: {unknown} match no class of {', '.join(config.benchmarks)}")
 
 
-def evaluate_benchmark(config: EvalConfig, benchmark: str) -> tuple[dict, np.ndarray]:
-    """Run one benchmark through the inference stage: its results dict and the (settings, N, N)
-    confusion matrices (written by the caller)."""
+def benchmark_inputs(config: EvalConfig, benchmark: str) -> tuple[list[dict], EvalTask]:
+    """The images of one benchmark (``image_uri``, ``label_uri`` rows) and the task that scores them."""
     from ..models.ovseg import load_preset
 
     reader = BenchmarkReader(benchmark, config.dataset_root, config.split_files.get(benchmark), config.limit)
-    samples = reader.samples()
     classes = class_names_for(benchmark, config.class_names)
     settings = settings_for(config, benchmark, load_preset(config.model.preset).mask_threshold)
-    items = [{"image_uri": s.image_uri, "label_uri": s.label_uri} for s in samples]
+    items = [{"image_uri": s.image_uri, "label_uri": s.label_uri} for s in reader.samples()]
     print(f"{benchmark}: {len(items)} images, {len(classes)} classes, {len(settings)} setting(s) "
           f"(lambda, mask threshold) {settings}")
-    task = EvalTask(reader.layout, classes, settings)
-    ds = inference_stage(items, config.model, config.compute, task,
-                         fetch=("label_uri", "image_uri"))
-    totals = EvalAccumulator(len(classes), len(settings))
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        totals.add(batch)
+    return items, EvalTask(reader.layout, classes, settings)
 
+
+def benchmark_result(config: EvalConfig, benchmark: str, task: EvalTask, images: int,
+                     totals: EvalAccumulator) -> dict:
+    """The results dict of one benchmark from its summed confusion matrices (one per setting)."""
+    classes, settings = task.classes, task.settings
     seen = seen_indices(config, benchmark)
     sweep = []
     for index, (lam, threshold) in enumerate(settings):
@@ -258,7 +256,7 @@ def evaluate_benchmark(config: EvalConfig, benchmark: str) -> tuple[dict, np.nda
         **sweep[0],
         "convention": metrics.CONVENTION,
         "counts": {
-            "images": len(items),
+            "images": images,
             "evaluated": len(totals.evaluated),
             "skipped": len(totals.skipped),
             "skipped_by_stage": by_stage,
@@ -271,31 +269,19 @@ def evaluate_benchmark(config: EvalConfig, benchmark: str) -> tuple[dict, np.nda
         "best": {"lambda": sweep[best]["lambda"], "mask_threshold": sweep[best]["mask_threshold"],
                  **sweep[best]["metrics"]} if len(sweep) > 1 else None,
     }
-    return result, totals.matrices
+    return result
 
 
-def run_evaluation(config: EvalConfig) -> dict:
-    """Evaluate every configured benchmark; write ``results.json``, ``table.md`` and the per-class charts."""
-    from .report import write_benchmark_report, write_confusion, write_reports
-    from ..raycluster import init_ray
 
-    check_seen_classes(config)
-    init_ray()
-    results = {"name": config.display_name(), "config": config.model_dump(), "benchmarks": {}}
-    for benchmark in config.benchmarks:
-        result, matrices = evaluate_benchmark(config, benchmark)
-        results["benchmarks"][benchmark] = result
-        write_confusion(config.out, result, matrices)
-        write_benchmark_report(config.out, results["name"], result)
-        write_reports(config, results)  # after each benchmark, so a later failure loses nothing
-        counts = result["counts"]
-        best = result["best"]
-        print(f"{benchmark}: mIoU {_fmt(result['metrics']['mIoU'])} pAcc {_fmt(result['metrics']['pAcc'])} "
-              f"(lambda {result['lambda']}, threshold {result['mask_threshold']}) over {counts['evaluated']} of "
-              f"{counts['images']} images, {counts['skipped']} skipped"
-              + (f"; best of sweep: mIoU {_fmt(best['mIoU'])} at lambda {best['lambda']}, "
-                 f"threshold {best['mask_threshold']}" if best else ""))
-    return results
+
+def report_line(benchmark: str, result: dict) -> str:
+    """One line per finished benchmark: mIoU, pixel accuracy, the setting, counts, the sweep's best."""
+    counts, best = result["counts"], result["best"]
+    return (f"{benchmark}: mIoU {_fmt(result['metrics']['mIoU'])} pAcc {_fmt(result['metrics']['pAcc'])} "
+            f"(lambda {result['lambda']}, threshold {result['mask_threshold']}) over {counts['evaluated']} of "
+            f"{counts['images']} images, {counts['skipped']} skipped"
+            + (f"; best of sweep: mIoU {_fmt(best['mIoU'])} at lambda {best['lambda']}, "
+               f"threshold {best['mask_threshold']}" if best else ""))
 
 
 def _fmt(value: float | None) -> str:

@@ -22,7 +22,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-IGNORE_INDEX = -1
+from ..data.readers import IGNORE_INDEX
+
 CONVENTION = (
     "Confusion matrix summed over all evaluated images, ground-truth ignore pixels not counted. "
     "IoU_c = TP/(TP+FP+FN); classes absent from both ground truth and prediction (TP+FP+FN = 0) have no "

@@ -23,7 +23,7 @@ OUTLINE = (255, 220, 0)
 
 def pair_files(uri: str) -> list[str]:
     """Parquet files of a mining output (its committed shards), a folder of Parquet, or one file."""
-    from .pipeline import OutputLayout
+    from ..data.pair_store import OutputLayout
 
     layout = OutputLayout.find(uri)
     if layout is not None:

@@ -14,6 +14,7 @@ import signal
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -36,7 +37,8 @@ from .api import (
     read_body,
     response_body,
 )
-from .config import ServeConfig, parse_serve_config
+from ..raycluster import resolve_num_gpus, worker_device
+from .config import DeploymentSettings, ServeConfig, parse_serve_config
 from .stages import ProposalStage, RegionRequest, RegionResult, RegionStage, SegmentOutput, load_segmenter
 
 logger = logging.getLogger("ray.serve")
@@ -107,7 +109,7 @@ class RegionClassifier:
     def __init__(self, config: dict):
         settings = ServeConfig.model_validate(config)
         _warn_random_weights(settings)
-        self.stage = RegionStage(load_segmenter(settings.model, "regions"), settings.batching.max_regions_per_forward)
+        self.stage = RegionStage(load_segmenter(settings.model, "regions", worker_device(settings.model.device)), settings.batching.max_regions_per_forward)
         self.batching = settings.batching.enabled
         self.embed_batch.set_max_batch_size(settings.batching.max_batch_requests)
         self.embed_batch.set_batch_wait_timeout_s(settings.batching.batch_wait_timeout_s)
@@ -145,7 +147,7 @@ class MaskProposer:
     def __init__(self, classifier: DeploymentHandle, config: dict):
         settings = ServeConfig.model_validate(config)
         _warn_random_weights(settings)
-        self.stage = ProposalStage(load_segmenter(settings.model, "proposals"))
+        self.stage = ProposalStage(load_segmenter(settings.model, "proposals", worker_device(settings.model.device)))
         self.classifier = classifier
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="proposals")
 
@@ -258,12 +260,26 @@ class OVSegIngress:
         }
 
 
+def deployment_options(settings: DeploymentSettings) -> dict[str, Any]:
+    """Keyword arguments for ``Deployment.options``; ``num_gpus: auto`` is resolved on the cluster."""
+    options: dict[str, Any] = {
+        "max_ongoing_requests": settings.max_ongoing_requests,
+        "max_queued_requests": settings.max_queued_requests,
+        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": resolve_num_gpus(settings.num_gpus)},
+    }
+    if settings.autoscaling is not None:
+        options["autoscaling_config"] = settings.autoscaling.model_dump(exclude_none=True)
+    else:
+        options["num_replicas"] = settings.num_replicas or 1
+    return options
+
+
 def build_app(config: ServeConfig) -> serve.Application:
     """The bound application; per-deployment options come from ``config`` (``num_gpus: auto`` resolved now)."""
     settings = config.model_dump(mode="json", by_alias=True)
-    classifier = RegionClassifier.options(**config.classifier.deployment_options()).bind(settings)
-    proposer = MaskProposer.options(**config.proposer.deployment_options()).bind(classifier, settings)
-    return OVSegIngress.options(**config.ingress.deployment_options()).bind(proposer, settings)
+    classifier = RegionClassifier.options(**deployment_options(config.classifier)).bind(settings)
+    proposer = MaskProposer.options(**deployment_options(config.proposer)).bind(classifier, settings)
+    return OVSegIngress.options(**deployment_options(config.ingress)).bind(proposer, settings)
 
 
 def app_builder(args: dict) -> serve.Application:

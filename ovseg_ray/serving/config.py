@@ -72,21 +72,6 @@ class DeploymentSettings(StrictModel):
             raise ValueError("give either num_replicas or autoscaling, not both")
         return self
 
-    def deployment_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``Deployment.options``; ``num_gpus: auto`` is resolved on the cluster."""
-        from ..device import resolve_num_gpus
-
-        options: dict[str, Any] = {
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
-            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": resolve_num_gpus(self.num_gpus)},
-        }
-        if self.autoscaling is not None:
-            options["autoscaling_config"] = self.autoscaling.model_dump(exclude_none=True)
-        else:
-            options["num_replicas"] = self.num_replicas or 1
-        return options
-
 
 class RegionBatching(StrictModel):
     enabled: bool = Field(True, description="batch regions of concurrent requests into one CLIP forward")

@@ -17,7 +17,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ..device import worker_device
+from ..device import resolve_device
 from ..inference import Proposals, Segmenter
 from ..models.ovseg import build_model
 from ..outputs import compact_labels
@@ -26,8 +26,9 @@ from .config import ModelSettings
 Stage = Literal["proposals", "regions", "all"]
 
 
-def load_segmenter(settings: ModelSettings, stage: Stage = "all") -> Segmenter:
-    """A Segmenter holding only what ``stage`` runs (weights identical in every replica).
+def load_segmenter(settings: ModelSettings, stage: Stage = "all", device: torch.device | None = None) -> Segmenter:
+    """A Segmenter on ``device`` (default: ``settings.device`` on this machine) holding only what
+    ``stage`` runs (weights identical in every replica).
 
     ``proposals`` drops the CLIP vision tower; ``regions`` drops the MaskFormer and the text tower.
     """
@@ -41,7 +42,7 @@ def load_segmenter(settings: ModelSettings, stage: Stage = "all") -> Segmenter:
         for name in ("transformer", "token_embedding", "ln_final", "positional_embedding", "text_projection"):
             if getattr(model.clip, name, None) is not None:
                 setattr(model.clip, name, None)
-    model.to(worker_device(settings.device))
+    model.to(device or resolve_device(settings.device))
     return segmenter
 
 

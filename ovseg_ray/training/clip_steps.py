@@ -8,8 +8,8 @@ OVSeg sections 3.3 / 4.1. Three modes:
 * ``ft-mpt``: ``mpt`` started from the final model of an ``ft`` run (the paper's best).
 
 The text tower is frozen in every mode. :class:`RegionTrainer` runs one optimisation step and is
-shared by the Ray Train loop (``ovseg_ray.training``) and the single-process benchmark loop;
-``ovseg_ray.train_pairs`` turns pair rows into region batches.
+shared by the Ray Train loop (``ovseg_ray.training.engine``) and the single-process benchmark loop;
+``ovseg_ray.training.pair_batches`` turns pair rows into region batches.
 """
 
 from __future__ import annotations

@@ -20,12 +20,8 @@ import math
 import os
 import tempfile
 import time
-from typing import Literal
-
-from pydantic import Field, field_validator
-
+from ..config import ConfigError
 from ..data import storage
-from ..config import ConfigError, ModelPreset, StrictModel, settings_changes
 from .clip_steps import (
     SUMMARY_FILE,
     build_training_model,
@@ -35,146 +31,23 @@ from .clip_steps import (
     optimizer_settings,
     save_training_checkpoint,
 )
+from .config import (
+    FAULT_DIR,
+    FINAL_DIR,
+    TrainClipConfig,
+    check_run_record,
+    check_start_weights,
+    finished_summary,
+    pair_files,
+    run_dir,
+)
 from .pair_batches import REQUIRED_PAIR_COLUMNS, batch_tensors, decode_pairs, noun_problem, region_size
-from ..weights.readers import safetensors_metadata
 
 logger = logging.getLogger(__name__)
-RUN_RECORD = "train_clip_config.json"
-FINAL_DIR = "final"
-FAULT_DIR = "fault_injection"
-
-
-class ModelSection(StrictModel):
-    preset: ModelPreset = Field("tiny", description="model preset (tiny, r101c-vitb16, swinb-vitl14) or a "
-                                                   "model config .json")
-    init_weights: str | None = Field(None, description="starting checkpoint, our layout (path or s3://); "
-                                     "for ft-mpt the final model.safetensors of an ft run")
-    clip_weights: str | None = Field(None, description="optional open_clip state dict replacing both CLIP towers")
-    prompt_depth: int | None = Field(None, ge=0, description="mask prompt depth (default: the preset's)")
-
-
-class DataSection(StrictModel):
-    pairs: str = Field(description="mined pairs Parquet file or folder (path or s3://)")
-    shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's local shuffle buffer (0 = off)")
-    preprocess_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data region-decoding task")
-    preprocess_batch_rows: int = Field(64, ge=1, description="pair rows per decoding task batch")
-    cache_regions: bool = Field(False, description="decode every pair once and keep the regions in Ray's "
-                                "object store for all epochs (small tables only: 3*S*S*4 bytes per pair)")
-
-
-class OptimSection(StrictModel):
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(32, ge=1, description="pairs per worker per step")
-    lr: float | None = Field(None, gt=0, description="peak learning rate (default: ft 5e-6, mpt/ft-mpt 2e-2)")
-    weight_decay: float | None = Field(None, ge=0, description="AdamW weight decay (default: ft 0.2, mpt 0)")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the cosine decay")
-    grad_clip_norm: float | None = Field(None, gt=0)
-    logit_scale: float = Field(100.0, gt=0, description="cosine similarity multiplier in both objectives")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="autocast on GPU (auto = bf16 if supported); always fp32 on CPU")
-    gather_negatives: bool = Field(True, description="clip objective: negatives from every worker's batch")
-    seed: int = 0
-
-
-class RunSection(StrictModel):
-    storage_path: str = Field("runs/train_clip", description="checkpoints and outputs (path or s3://)")
-    name: str = Field("train-clip", min_length=1, description="run name: STORAGE/NAME holds the run")
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool | Literal["auto"] = Field("auto", description="auto = one GPU per worker if the cluster has GPUs")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    checkpoints_to_keep: int = Field(2, ge=1)
-    max_failures: int = Field(3, ge=-1, description="worker failures retried from the last checkpoint (-1 = always)")
-    log_every_steps: int = Field(50, ge=0, description="rank 0 logs a progress line every N steps (0 = per "
-                                 "epoch only)")
-
-    @field_validator("name")
-    @classmethod
-    def _plain_name(cls, value: str) -> str:
-        if "/" in value or value in (".", ".."):
-            raise ValueError("must be a plain name (no '/')")
-        return value
-
-
-class FaultInjection(StrictModel):
-    """Testing aid: one worker exits abruptly once, to exercise recovery from the last checkpoint."""
-
-    crash_at_epoch: int | None = Field(None, ge=1, description="crash after the first step of this epoch, "
-                                       "once the previous checkpoints are committed; only once per run")
-    crash_rank: int = Field(1, ge=0)
-
-
-class TrainClipConfig(StrictModel):
-    mode: Literal["ft", "mpt", "ft-mpt"] = Field("mpt", description="ft: whole image tower; mpt: mask prompts "
-                                                  "only; ft-mpt: prompts only, starting from an ft model")
-    objective: Literal["clip", "vocab"] = Field("clip", description="clip: in-batch contrastive; vocab: "
-                                                "cross-entropy over all training nouns")
-    text_templates: Literal["vild", "bare"] = Field("vild", description="noun embeddings: ViLD template "
-                                                    "ensemble or the bare noun")
-    model: ModelSection = ModelSection()
-    data: DataSection
-    optim: OptimSection = OptimSection()
-    run: RunSection = RunSection()
-    fault_injection: FaultInjection = FaultInjection()
-
-    def fingerprint(self) -> dict:
-        """The settings a resumed or finished run must share with the command that re-runs it."""
-        return self.model_dump(mode="json", include={"mode", "objective", "text_templates", "model", "optim"}) | {
-            "pairs": self.data.pairs}
-
-
-def run_dir(config: TrainClipConfig) -> str:
-    base = config.run.storage_path
-    if not storage.is_remote(base):
-        base = os.path.abspath(base)
-    return storage.join(base, config.run.name)
-
-
-def _check_run_record(config: TrainClipConfig, directory: str) -> None:
-    """Record the run's settings on first start; refuse to resume a run with other settings."""
-    record = storage.join(directory, RUN_RECORD)
-    if storage.exists(record):
-        previous = json.loads(storage.read_bytes(record))
-        changed = settings_changes(previous.get("fingerprint", {}), config.fingerprint())
-        if changed:
-            raise ConfigError(f"run {directory} was started with other settings ({'; '.join(changed)}); "
-                              f"resume it with the same settings or choose another run.name")
-        return
-    storage.write_text(record, json.dumps({"fingerprint": config.fingerprint(),
-                                           "config": config.model_dump(mode="json")}, indent=2))
-
-
-def finished_summary(config: TrainClipConfig) -> dict | None:
-    """The summary of this run if it already finished, else None."""
-    directory = run_dir(config)
-    path = storage.join(directory, FINAL_DIR, SUMMARY_FILE)
-    if not storage.exists(path):
-        return None
-    _check_run_record(config, directory)
-    return json.loads(storage.read_bytes(path))
-
-
-def _check_start_weights(config: TrainClipConfig) -> None:
-    """Starting weights exist (checked on the driver: a worker would fail and be retried in vain)."""
-    for field in ("init_weights", "clip_weights"):
-        given = getattr(config.model, field)
-        if given and not storage.exists(given):
-            raise FileNotFoundError(f"model.{field} not found: {given}")
-    if config.mode != "ft-mpt":
-        return
-    uri = config.model.init_weights
-    if not uri:
-        raise ConfigError("mode ft-mpt starts from an ft model: set model.init_weights to the final "
-                          "model.safetensors of an ft run")
-    trained_mode = safetensors_metadata(uri).get("mode")
-    if trained_mode and trained_mode != "ft":
-        raise ConfigError(f"model.init_weights {uri} was written by a {trained_mode!r} run; ft-mpt starts "
-                          f"from the final model of an ft run")
-    if not trained_mode:
-        logger.warning("ft-mpt: %s carries no training record; assuming it is a fine-tuned (ft) model", uri)
 
 
 def _resolve_use_gpu(config: TrainClipConfig) -> bool:
-    from ..device import resolve_num_gpus
+    from ..raycluster import resolve_num_gpus
 
     requested = config.run.use_gpu
     use_gpu = resolve_num_gpus("auto" if requested == "auto" else (1 if requested else 0)) > 0
@@ -186,7 +59,7 @@ def _resolve_use_gpu(config: TrainClipConfig) -> bool:
 
 def _check_cpu_budget(config: TrainClipConfig, use_gpu: bool) -> None:
     """Training workers plus one decoding task must fit a fixed cluster, or the run would wait forever."""
-    from ..device import check_capacity
+    from ..raycluster import check_capacity
 
     workers = config.run.num_workers * config.run.cpus_per_worker
     what = (f"{config.run.num_workers} workers x run.cpus_per_worker {config.run.cpus_per_worker:g}"
@@ -200,30 +73,13 @@ def _check_cpu_budget(config: TrainClipConfig, use_gpu: bool) -> None:
 
 
 def _filesystem(uri: str):
-    """A pyarrow filesystem (through fsspec, so S3 settings match ``ovseg_ray.storage``) and path."""
+    """A pyarrow filesystem (through fsspec, so S3 settings match ``ovseg_ray.data.storage``) and path."""
     if not storage.is_remote(uri):
         return None, os.path.abspath(uri)
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
     fs, path = storage.filesystem(uri)
     return PyFileSystem(FSSpecHandler(fs)), path
-
-
-def pair_files(uri: str) -> list[str]:
-    """The Parquet to train on. For a mining output (its root or its ``pairs/`` folder) these are the
-    pair files of the committed shards only: never its errors table nor a crashed shard's leftovers."""
-    from ..mining.pipeline import OutputLayout
-
-    layout = OutputLayout.find(uri)
-    if layout is None:
-        return [uri]
-    files = layout.committed_files("pairs")
-    if not files:
-        raise ValueError(f"the mining output {layout.root} has no finished shard yet")
-    summary_uri = layout.path("summary.json")
-    if not (storage.exists(summary_uri) and json.loads(storage.read_bytes(summary_uri)).get("complete")):
-        logger.warning("training on the %d finished shards of the unfinished mining run %s", len(files), layout.root)
-    return files
 
 
 def load_pairs(config: TrainClipConfig):
@@ -239,7 +95,7 @@ def load_pairs(config: TrainClipConfig):
     missing = [c for c in REQUIRED_PAIR_COLUMNS if c not in ds.schema().names]
     if missing:
         raise ValueError(f"the pairs table {uri} lacks the column(s) {', '.join(missing)} "
-                         f"(needed: {', '.join(REQUIRED_PAIR_COLUMNS)}; see ovseg_ray.pairs.PAIR_SCHEMA)")
+                         f"(needed: {', '.join(REQUIRED_PAIR_COLUMNS)}; see ovseg_ray.data.pairs.PAIR_SCHEMA)")
     # The pair rows are small (RLE text): read them once, not again every epoch; regions are
     # decoded per epoch (or once, with cache_regions).
     ds = ds.select_columns(list(REQUIRED_PAIR_COLUMNS)).materialize()
@@ -278,7 +134,7 @@ def train_clip(config: TrainClipConfig) -> dict:
     if done is not None:
         print(f"run {directory} already finished ({done['epochs']} epochs); outputs in {done['outputs']['model']}")
         return {**done, "already_finished": True}
-    _check_start_weights(config)
+    check_start_weights(config)
     fault = config.fault_injection
     if fault.crash_at_epoch is not None and fault.crash_rank >= config.run.num_workers:
         raise ConfigError(f"fault_injection.crash_rank {fault.crash_rank} does not exist with "
@@ -286,7 +142,7 @@ def train_clip(config: TrainClipConfig) -> dict:
     use_gpu = _resolve_use_gpu(config)
     _check_cpu_budget(config, use_gpu)
     ds, rows, vocabulary = load_pairs(config)
-    _check_run_record(config, directory)
+    check_run_record(config, directory)
     lr, wd = optimizer_settings(config.mode, config.optim.lr, config.optim.weight_decay)
     print(f"train-clip {config.mode} ({config.objective}) on {rows} pairs, {len(vocabulary)} nouns, "
           f"{config.run.num_workers} worker(s) on {'GPU' if use_gpu else 'CPU'}, lr {lr:g}, weight decay {wd:g}; "

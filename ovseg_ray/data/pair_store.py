@@ -1,0 +1,107 @@
+"""The on-disk layout of a mining output, read by mining, training and the preview::
+
+    OUT/pairs/shard-00000.parquet     PAIR_SCHEMA rows of the shard's images
+    OUT/errors/shard-00000.parquet    ERROR_SCHEMA rows ("<reason code>: <detail>")
+    OUT/shards/shard-00000.json       commit marker, written last, with the shard's counts
+    OUT/manifest.json                 the settings that determine the output (its presence marks one)
+    OUT/summary.json                  totals over all shards and the speed of the runs
+
+A shard counts as done when its marker exists; each file is a single atomic write (rename locally,
+one PUT on S3), so a crashed shard is redone under the same names and each pair is written once.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterable
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..config import ConfigError, settings_changes
+from . import storage
+from .coco import Shard, shard_name
+from .pairs import ERROR_SCHEMA, PAIR_SCHEMA
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+MANIFEST_FILE = "manifest.json"  # the settings of a mining output; its presence marks one
+
+
+class OutputLayout:
+    """Paths of a mining output and the per-shard commit protocol."""
+
+    def __init__(self, root: str):
+        self.root = str(root).rstrip("/") if storage.is_remote(root) else str(root)
+
+    @classmethod
+    def find(cls, uri: str) -> OutputLayout | None:
+        """The mining output ``uri`` is (its root) or whose pairs it holds (its ``pairs/`` folder), else None."""
+        root = uri.rstrip("/")
+        parent = root.rsplit("/", 1)[0] if storage.is_remote(root) else os.path.dirname(os.path.abspath(root))
+        if storage.exists(storage.join(root, MANIFEST_FILE)):
+            return cls(root)
+        if root.rsplit("/", 1)[-1] == "pairs" and storage.exists(storage.join(parent, MANIFEST_FILE)):
+            return cls(parent)
+        return None
+
+    def path(self, *parts: str) -> str:
+        return storage.join(self.root, *parts)
+
+    def shard_file(self, kind: Literal["pairs", "errors"], index: int) -> str:
+        return self.path(kind, f"{shard_name(index)}.parquet")
+
+    def committed_files(self, kind: Literal["pairs", "errors"]) -> list[str]:
+        """The ``kind`` files of the committed shards, in shard order (never a crashed shard's leftovers)."""
+        return [self.shard_file(kind, index) for index in sorted(self.completed_shards())]
+
+    def completed_shards(self) -> set[int]:
+        fs, path = storage.filesystem(self.path("shards"))
+        fs.invalidate_cache()
+        if not fs.exists(path):
+            return set()
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        return {int(n[len("shard-"):-len(".json")]) for n in names if n.startswith("shard-") and n.endswith(".json")}
+
+    def write_shard(self, shard: Shard, pairs: pa.Table, errors: pa.Table, counts: dict) -> None:
+        """Errors, then pairs, then the marker: the shard is done only once all three exist."""
+        storage.write_bytes(self.shard_file("errors", shard.index), _parquet_bytes(errors))
+        storage.write_bytes(self.shard_file("pairs", shard.index), _parquet_bytes(pairs))
+        storage.write_text(self.path("shards", f"{shard.name}.json"), json.dumps(counts, sort_keys=True))
+
+    def check_manifest(self, settings: dict[str, Any]) -> None:
+        """Write manifest.json, or refuse when an existing one was made with other settings."""
+        uri = self.path(MANIFEST_FILE)
+        if storage.exists(uri):
+            previous = json.loads(storage.read_bytes(uri))
+            changed = settings_changes(previous, settings)
+            if changed:
+                raise ConfigError(
+                    f"output {self.root} holds pairs mined with other settings ({'; '.join(changed)}); "
+                    f"use a new output folder or restore those settings to resume")
+            return
+        storage.write_text(uri, json.dumps(settings, indent=2, sort_keys=True))
+
+    def read_table(self, kind: Literal["pairs", "errors"], shards: Iterable[int] | None = None,
+                   columns: list[str] | None = None) -> pa.Table:
+        """The rows of the given (default: all committed) shards, in shard order."""
+        schema = PAIR_SCHEMA if kind == "pairs" else ERROR_SCHEMA
+        indices = sorted(self.completed_shards() if shards is None else shards)
+        tables = []
+        for index in indices:
+            fs, path = storage.filesystem(self.shard_file(kind, index))
+            with fs.open(path, "rb") as handle:
+                tables.append(pq.read_table(handle, columns=columns))
+        if not tables:
+            return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+        return pa.concat_tables(tables)
+
+
