@@ -80,6 +80,17 @@ def benchmark_layout(benchmark: str) -> BenchmarkLayout:
     )
 
 
+def custom_layout(name: str, num_classes: int, images: str, labels: str, ignore_label: int = 255,
+                  label_ext: str = "png", image_ext: str = ".jpg") -> BenchmarkLayout:
+    """The layout of a benchmark of one's own (ADE20K-style: an image folder and a label folder, one label
+    per image, value = class index); the labels define the split. 8-bit labels when the ignore value is
+    255, 16-bit otherwise."""
+    return BenchmarkLayout(benchmark=name, num_classes=num_classes, ignore_label=ignore_label,
+                           label_bits=8 if ignore_label <= 255 else 16, image_dir=images, gt_dir=labels,
+                           gt_ext=label_ext.lstrip("."), index_from="labels",
+                           image_ext=image_ext if image_ext.startswith(".") else f".{image_ext}")
+
+
 @dataclass(frozen=True)
 class Sample:
     stem: str
@@ -126,8 +137,9 @@ class BenchmarkReader:
     unnoticed. ``limit`` keeps the first N samples in name order (quick checks).
     """
 
-    def __init__(self, benchmark: str, root: str, split_file: str | None = None, limit: int | None = None):
-        self.layout = benchmark_layout(benchmark)
+    def __init__(self, benchmark: str, root: str, split_file: str | None = None, limit: int | None = None,
+                 layout: BenchmarkLayout | None = None):
+        self.layout = layout or benchmark_layout(benchmark)
         self.benchmark = benchmark
         self.root = str(root)
         self.split_file = split_file

@@ -17,16 +17,16 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from . import metrics
 from .config import ComputeConfig
 from ..config import ModelConfig, StrictModel
-from ..data.benchmarks import class_list
+from ..data.benchmarks import class_list, read_class_names
 from ..data.images import ImageDecodeError, decode_image
-from ..data.readers import BENCHMARKS, BenchmarkLayout, BenchmarkReader, decode_label
+from ..data.readers import BENCHMARKS, BenchmarkLayout, BenchmarkReader, custom_layout, decode_label
 from ..device import is_device_failure
-from ..models.official import BENCHMARK_LAMBDAS
+from ..models.official import BENCHMARK_LAMBDAS, DEFAULT_LAMBDA
 
 logger = logging.getLogger(__name__)
 
@@ -65,10 +65,35 @@ class SweepConfig(StrictModel):
         return values
 
 
+class CustomBenchmark(StrictModel):
+    """A benchmark of one's own: an image folder and a label PNG folder (ADE20K style) under dataset_root."""
+
+    name: str = Field(min_length=1, description="its name in results.json and the table")
+    classes: str | list[str] = Field(description="the label values' names: a shipped class list, a JSON file "
+                                     "with a 'classes' list (path or s3://), or the names")
+    images: str = Field(description="image folder under dataset_root")
+    labels: str = Field(description="label folder under dataset_root; value = class index")
+    ignore_label: int = Field(255, ge=0, description="label value of unlabelled pixels")
+    label_ext: str = "png"
+    image_ext: str = ".jpg"
+    ensemble_lambda: float = Field(DEFAULT_LAMBDA, ge=0, le=1, description="its default CLIP weight")
+    seen_classes: list[str] = Field(default_factory=list, description="names counted as seen in training "
+                                    "(reports seen / unseen mIoU)")
+
+    def class_names(self) -> list[str]:
+        return read_class_names(self.classes)
+
+    def layout(self) -> BenchmarkLayout:
+        return custom_layout(self.name, len(self.class_names()), self.images, self.labels, self.ignore_label,
+                             self.label_ext, self.image_ext)
+
+
 class EvalConfig(StrictModel):
     benchmarks: list[BenchmarkName] = Field(
-        default_factory=lambda: ["ade20k_150"], min_length=1,
+        default_factory=lambda: ["ade20k_150"],
         description=f"benchmarks to evaluate: {', '.join(BENCHMARKS)}")
+    custom_benchmarks: list[CustomBenchmark] = Field(
+        default_factory=list, description="benchmarks of one's own (any class list over an ADE20K-style layout)")
     dataset_root: str = Field(
         default_factory=lambda: os.environ.get("DETECTRON2_DATASETS", "datasets"),
         description="folder or s3:// prefix holding the prepared layouts (default $DETECTRON2_DATASETS)")
@@ -97,13 +122,24 @@ class EvalConfig(StrictModel):
     def _no_repeats(cls, value: list[str]) -> list[str]:
         return list(dict.fromkeys(value))
 
-    @field_validator("split_files")
-    @classmethod
-    def _known_benchmarks(cls, value: dict[str, str]) -> dict[str, str]:
-        unknown = sorted(set(value) - set(BENCHMARKS))
+    @model_validator(mode="after")
+    def _benchmarks_named_once(self) -> EvalConfig:
+        names = self.benchmark_names()
+        if not names:
+            raise ValueError("no benchmark to evaluate: set benchmarks or custom_benchmarks")
+        if len(set(names)) != len(names):
+            raise ValueError(f"benchmark names repeat: {names} (a custom benchmark needs a name of its own)")
+        unknown = sorted(set(self.split_files) - set(names))
         if unknown:
-            raise ValueError(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
-        return value
+            raise ValueError(f"split_files names unknown benchmark(s) {unknown}; choose from {', '.join(names)}")
+        return self
+
+    def benchmark_names(self) -> list[str]:
+        """The shipped benchmarks, then the custom ones, in the order configured."""
+        return [*self.benchmarks, *(c.name for c in self.custom_benchmarks)]
+
+    def custom(self, name: str) -> CustomBenchmark | None:
+        return next((c for c in self.custom_benchmarks if c.name == name), None)
 
     def display_name(self) -> str:
         if self.name:
@@ -114,7 +150,9 @@ class EvalConfig(StrictModel):
 
 def settings_for(config: EvalConfig, benchmark: str, preset_threshold: float) -> list[tuple[float, float]]:
     """(lambda, threshold) pairs: the configured default first, then the sweep grid (no repeats)."""
-    lam = BENCHMARK_LAMBDAS[benchmark] if config.ensemble_lambda is None else config.ensemble_lambda
+    custom = config.custom(benchmark)
+    default = custom.ensemble_lambda if custom else BENCHMARK_LAMBDAS[benchmark]
+    lam = default if config.ensemble_lambda is None else config.ensemble_lambda
     threshold = preset_threshold if config.mask_threshold is None else config.mask_threshold
     grid = product(config.sweep.lambdas or [lam], config.sweep.mask_thresholds or [threshold])
     return list(dict.fromkeys([(float(lam), float(threshold)), *((float(a), float(b)) for a, b in grid)]))
@@ -189,6 +227,17 @@ def class_names_for(benchmark: str, style: str) -> list[str]:
     return listed.prompt_names() if style == "full" else [c.strip() for c in listed.clean_classes]
 
 
+def benchmark_classes(config: EvalConfig, benchmark: str) -> list[str]:
+    """The class names a benchmark is evaluated with (a custom benchmark's as given)."""
+    custom = config.custom(benchmark)
+    return custom.class_names() if custom else class_names_for(benchmark, config.class_names)
+
+
+def _source_names(config: EvalConfig, benchmark: str) -> list[str]:
+    custom = config.custom(benchmark)
+    return custom.class_names() if custom else class_list(benchmark).classes
+
+
 def _name_keys(name: str) -> set[str]:
     """A class name and its first synonym, lower-cased: ``"Building, edifice"`` -> both forms."""
     name = name.strip().lower()
@@ -200,29 +249,38 @@ def seen_indices(config: EvalConfig, benchmark: str) -> list[int] | None:
 
     A configured name matches a class by its full string or its first synonym.
     """
-    if not config.seen_classes and not config.seen_classes_from:
+    custom = config.custom(benchmark)
+    own = custom.seen_classes if custom else []
+    if not config.seen_classes and not config.seen_classes_from and not own:
         return None
-    wanted = {key for name in config.seen_classes for key in _name_keys(name)}
+    wanted = {key for name in [*config.seen_classes, *own] for key in _name_keys(name)}
     if config.seen_classes_from:
         wanted |= {key for name in class_list(config.seen_classes_from).clean_classes for key in _name_keys(name)}
-    return [i for i, name in enumerate(class_list(benchmark).classes) if _name_keys(name) & wanted]
+    return [i for i, name in enumerate(_source_names(config, benchmark)) if _name_keys(name) & wanted]
 
 
 def check_seen_classes(config: EvalConfig) -> None:
     """A configured seen class that names no class of any evaluated benchmark is a typo: refuse it."""
-    known = {key for benchmark in config.benchmarks for name in class_list(benchmark).classes
+    known = {key for benchmark in config.benchmark_names() for name in _source_names(config, benchmark)
              for key in _name_keys(name)}
     unknown = [name for name in config.seen_classes if not _name_keys(name) & known]
     if unknown:
-        raise ValueError(f"seen_classes: {unknown} match no class of {', '.join(config.benchmarks)}")
+        raise ValueError(f"seen_classes: {unknown} match no class of {', '.join(config.benchmark_names())}")
+    for custom in config.custom_benchmarks:
+        own = {key for name in custom.class_names() for key in _name_keys(name)}
+        stray = [name for name in custom.seen_classes if not _name_keys(name) & own]
+        if stray:
+            raise ValueError(f"custom_benchmarks {custom.name}: seen_classes {stray} are none of its classes")
 
 
 def benchmark_inputs(config: EvalConfig, benchmark: str) -> tuple[list[dict], EvalTask]:
     """The images of one benchmark (``image_uri``, ``label_uri`` rows) and the task that scores them."""
     from ..models.ovseg import load_preset
 
-    reader = BenchmarkReader(benchmark, config.dataset_root, config.split_files.get(benchmark), config.limit)
-    classes = class_names_for(benchmark, config.class_names)
+    custom = config.custom(benchmark)
+    reader = BenchmarkReader(benchmark, config.dataset_root, config.split_files.get(benchmark), config.limit,
+                             layout=custom.layout() if custom else None)
+    classes = benchmark_classes(config, benchmark)
     settings = settings_for(config, benchmark, load_preset(config.model.preset).mask_threshold)
     items = [{"image_uri": s.image_uri, "label_uri": s.label_uri} for s in reader.samples()]
     print(f"{benchmark}: {len(items)} images, {len(classes)} classes, {len(settings)} setting(s) "
@@ -247,7 +305,7 @@ def benchmark_result(config: EvalConfig, benchmark: str, task: EvalTask, images:
     matrix = totals.matrices[0]
     result = {
         "benchmark": benchmark,
-        "name": class_list(benchmark).name,
+        "name": benchmark if config.custom(benchmark) else class_list(benchmark).name,
         "num_classes": len(classes),
         "class_names": config.class_names,
         "model": config.model.model_dump(),

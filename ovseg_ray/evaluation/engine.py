@@ -147,7 +147,7 @@ def run_evaluation(config: EvalConfig) -> dict:
     check_seen_classes(config)
     init_ray()
     results = {"name": config.display_name(), "config": config.model_dump(), "benchmarks": {}}
-    for benchmark in config.benchmarks:
+    for benchmark in config.benchmark_names():
         result, matrices = evaluate_benchmark(config, benchmark)
         results["benchmarks"][benchmark] = result
         write_confusion(config.out, result, matrices)

@@ -31,21 +31,28 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def short_name(benchmark: str) -> str:
+    """A-847, PC-459, ... for the shipped benchmarks; a custom benchmark's own name."""
+    return SHORT_NAMES.get(benchmark, benchmark)
+
+
 def markdown_table(results: dict, paper_rows: bool = True) -> str:
-    """Table 1 layout (A-847, PC-459, A-150, PC-59, PAS-20; mIoU %) plus a detail table per benchmark."""
-    header = "| Model | " + " | ".join(SHORT_NAMES[b] for b in BENCHMARKS) + " |"
-    lines = ["# Zero-shot semantic segmentation, mIoU (%)", "", header, "|" + "---|" * (len(BENCHMARKS) + 1)]
+    """Table 1 layout (A-847, PC-459, A-150, PC-59, PAS-20; mIoU %; custom benchmarks after them) plus
+    a detail table per benchmark."""
+    ours = results["benchmarks"]
+    columns = [*BENCHMARKS, *(b for b in ours if b not in BENCHMARKS)]
+    header = "| Model | " + " | ".join(short_name(b) for b in columns) + " |"
+    lines = ["# Zero-shot semantic segmentation, mIoU (%)", "", header, "|" + "---|" * (len(columns) + 1)]
     if paper_rows:
         for name, row in PAPER_ROWS.items():
-            lines.append(f"| {name} | " + " | ".join(_cell(row[b]) for b in BENCHMARKS) + " |")
-    ours = results["benchmarks"]
+            lines.append(f"| {name} | " + " | ".join(_cell(row.get(b)) for b in columns) + " |")
     lines.append(f"| **{results['name']}** | "
-                 + " | ".join(_cell(ours[b]["metrics"]["mIoU"]) if b in ours else "-" for b in BENCHMARKS) + " |")
+                 + " | ".join(_cell(ours[b]["metrics"]["mIoU"]) if b in ours else "-" for b in columns) + " |")
     lines += ["", "## Details", "",
               "| Benchmark | mIoU | pAcc | mAcc | seen / unseen mIoU | lambda | mask threshold | images "
               "| skipped | best of sweep (mIoU @ lambda, threshold) |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-    for benchmark in BENCHMARKS:
+    for benchmark in columns:
         if benchmark not in ours:
             continue
         result, m = ours[benchmark], ours[benchmark]["metrics"]
@@ -53,7 +60,7 @@ def markdown_table(results: dict, paper_rows: bool = True) -> str:
         best = result["best"]
         best_text = f"{_cell(best['mIoU'])} @ {best['lambda']}, {best['mask_threshold']}" if best else "-"
         counts = result["counts"]
-        lines.append(f"| {SHORT_NAMES[benchmark]} | {_cell(m['mIoU'])} | {_cell(m['pAcc'])} | {_cell(m['mAcc'])} "
+        lines.append(f"| {short_name(benchmark)} | {_cell(m['mIoU'])} | {_cell(m['pAcc'])} | {_cell(m['mAcc'])} "
                      f"| {split} | {result['lambda']} | {result['mask_threshold']} | {counts['evaluated']} "
                      f"| {counts['skipped']} | {best_text} |")
     lines += ["", "Classes absent from both ground truth and prediction are excluded from the means "
@@ -117,7 +124,7 @@ def write_benchmark_report(out: str, name: str, result: dict) -> None:
     """A finished benchmark's own ``results.json`` and per-class IoU chart under ``out/BENCHMARK/``."""
     benchmark = result["benchmark"]
     storage.write_text(storage.join(out, benchmark, "results.json"), json.dumps(result, indent=1))
-    title = f"{SHORT_NAMES[benchmark]}: {name} (lambda {result['lambda']}, threshold {result['mask_threshold']})"
+    title = f"{short_name(benchmark)}: {name} (lambda {result['lambda']}, threshold {result['mask_threshold']})"
     storage.write_bytes(storage.join(out, benchmark, "per_class_iou.png"), iou_chart_png(result, title))
 
 
