@@ -70,7 +70,7 @@ def plain_loop(table, args, vocabulary: list[str]) -> dict:
 
 def ray_loop(pairs_path: str, storage_path: str, args) -> dict:
     from ovseg_ray.config import load_config
-    from ovseg_ray.training.config import TrainClipConfig
+    from ovseg_ray.training.clip_config import TrainClipConfig
     from ovseg_ray.training.engine import train_clip
 
     config = load_config(TrainClipConfig, None, {

@@ -176,6 +176,8 @@ def _parse_value(raw: str, as_list: bool) -> Any:
         value = raw
     if as_list and isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
+    elif as_list and value is not None and not isinstance(value, list):
+        value = [value]  # one number or flag for a list field: a list of one
     return value
 
 

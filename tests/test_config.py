@@ -47,3 +47,12 @@ def test_errors_name_the_field(tmp_path):
         load_config(Job, bad)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(Job, tmp_path / "missing.yaml")
+
+
+def test_a_single_value_for_a_list_field_is_a_list_of_one():
+    from ovseg_ray.config import _parse_value
+
+    assert _parse_value("64", as_list=True) == [64]
+    assert _parse_value("64,96", as_list=True) == ["64", "96"]  # pydantic turns them into the field's type
+    assert _parse_value("[64, 96]", as_list=True) == [64, 96]
+    assert _parse_value("64", as_list=False) == 64

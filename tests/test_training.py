@@ -39,7 +39,7 @@ from ovseg_ray.weights.keymaps import PROMPTS_KEY
 from ovseg_ray.training.clip_steps import RegionTrainer, build_training_model, cosine_schedule, select_trainable
 from ovseg_ray.data.pairs import rle_total_pixels
 from ovseg_ray.training.pair_batches import batch_tensors, checked_mask, coco_instance_pairs, decode_pairs
-from ovseg_ray.training.config import TrainClipConfig, check_run_record
+from ovseg_ray.training.clip_config import TrainClipConfig, check_run_record
 from ovseg_ray.training.engine import _resolve_use_gpu, load_pairs, train_clip
 
 REPO = Path(__file__).resolve().parent.parent
@@ -463,7 +463,7 @@ def test_ft_mpt_chain_from_the_ft_model_with_everything_on_s3(ft_run, synth_data
 def test_pair_files_of_a_mining_output_are_its_committed_shards(mined_pairs, tmp_path, caplog):
     import shutil
 
-    from ovseg_ray.training.config import pair_files
+    from ovseg_ray.training.clip_config import pair_files
 
     root = tmp_path / "mined"
     shutil.copytree(mined_pairs[1], root)

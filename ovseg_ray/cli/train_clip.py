@@ -19,7 +19,7 @@ import argparse
 import sys
 
 from ..config import config_from_args
-from ..training.config import TrainClipConfig
+from ..training.clip_config import TrainClipConfig
 from .common import add_config_command
 
 

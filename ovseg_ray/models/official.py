@@ -33,3 +33,14 @@ DEMO_MASK_THRESHOLD = 0.35
 #: Inference modes: ``eval`` is the evaluation inference (the default everywhere), ``demo`` the
 #: official demo's (CLIP-only classes, each class's best query, binary masks, uncovered pixels unlabelled).
 INFERENCE_MODES = ("eval", "demo")
+
+#: MaskFormer training on COCO-Stuff-171 per preset: (lr, weight decay, backbone lr multiplier, crop),
+#: from ``configs/ovseg_R101c_vitB_bs32_120k.yaml`` and the Swin-B config (both: AdamW, batch 32,
+#: 120K iterations, warm-up 1500, poly schedule, gradient norm clipped at 0.01). ``tiny`` is ours:
+#: a CPU-sized model trained for hundreds of steps, not thousands.
+MASKFORMER_TRAINING: dict[str, tuple[float, float, float, int]] = {
+    "r101c-vitb16": (2e-4, 1e-4, 0.1, 512),
+    "swinb-vitl14": (6e-5, 1e-2, 1.0, 640),
+    "tiny": (1e-3, 1e-4, 1.0, 128),
+}
+MASKFORMER_STEPS, MASKFORMER_BATCH, MASKFORMER_WARMUP = 120_000, 32, 1500

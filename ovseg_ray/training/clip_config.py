@@ -1,28 +1,22 @@
-"""Configuration of ``train-clip`` and the run folder it lives in (plain Python, no Ray).
-
-``STORAGE/NAME/`` (``run.storage_path``, ``run.name``) holds Ray Train's checkpoints, the run record
-(``train_clip_config.json``: the settings a resumed run must share) and, when done, ``final/``.
-"""
+"""Configuration of ``train-clip`` and its run folder (plain Python, no Ray; see ``runs.py``): the run
+record is ``train_clip_config.json``."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from ..config import ConfigError, ModelPreset, StrictModel, settings_changes
+from ..config import ConfigError, ModelPreset, StrictModel
 from ..data import storage
 from ..data.pair_store import OutputLayout
 from ..weights.readers import safetensors_metadata
-from .clip_steps import SUMMARY_FILE
+from . import runs
 
 logger = logging.getLogger(__name__)
 RUN_RECORD = "train_clip_config.json"
-FINAL_DIR = "final"
-FAULT_DIR = "fault_injection"
 
 
 class ModelSection(StrictModel):
@@ -57,23 +51,9 @@ class OptimSection(StrictModel):
     seed: int = 0
 
 
-class RunSection(StrictModel):
+class RunSection(runs.RunSection):
     storage_path: str = Field("runs/train_clip", description="checkpoints and outputs (path or s3://)")
     name: str = Field("train-clip", min_length=1, description="run name: STORAGE/NAME holds the run")
-    num_workers: int = Field(1, ge=1)
-    use_gpu: bool | Literal["auto"] = Field("auto", description="auto = one GPU per worker if the cluster has GPUs")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    checkpoints_to_keep: int = Field(2, ge=1)
-    max_failures: int = Field(3, ge=-1, description="worker failures retried from the last checkpoint (-1 = always)")
-    log_every_steps: int = Field(50, ge=0, description="rank 0 logs a progress line every N steps (0 = per "
-                                 "epoch only)")
-
-    @field_validator("name")
-    @classmethod
-    def _plain_name(cls, value: str) -> str:
-        if "/" in value or value in (".", ".."):
-            raise ValueError("must be a plain name (no '/')")
-        return value
 
 
 class FaultInjection(StrictModel):
@@ -104,34 +84,21 @@ class TrainClipConfig(StrictModel):
 
 
 def run_dir(config: TrainClipConfig) -> str:
-    base = config.run.storage_path
-    if not storage.is_remote(base):
-        base = os.path.abspath(base)
-    return storage.join(base, config.run.name)
+    return runs.run_dir(config.run.storage_path, config.run.name)
 
 
 def check_run_record(config: TrainClipConfig, directory: str) -> None:
     """Record the run's settings on first start; refuse to resume a run with other settings."""
-    record = storage.join(directory, RUN_RECORD)
-    if storage.exists(record):
-        previous = json.loads(storage.read_bytes(record))
-        changed = settings_changes(previous.get("fingerprint", {}), config.fingerprint())
-        if changed:
-            raise ConfigError(f"run {directory} was started with other settings ({'; '.join(changed)}); "
-                              f"resume it with the same settings or choose another run.name")
-        return
-    storage.write_text(record, json.dumps({"fingerprint": config.fingerprint(),
-                                           "config": config.model_dump(mode="json")}, indent=2))
+    runs.check_run_record(directory, RUN_RECORD, config.fingerprint(), config.model_dump(mode="json"))
 
 
 def finished_summary(config: TrainClipConfig) -> dict | None:
-    """The summary of this run if it already finished, else None."""
+    """The summary of this run if it already finished (and was made with these settings), else None."""
     directory = run_dir(config)
-    path = storage.join(directory, FINAL_DIR, SUMMARY_FILE)
-    if not storage.exists(path):
-        return None
-    check_run_record(config, directory)
-    return json.loads(storage.read_bytes(path))
+    summary = runs.read_summary(directory)
+    if summary is not None:
+        check_run_record(config, directory)
+    return summary
 
 
 def check_start_weights(config: TrainClipConfig) -> None:

@@ -44,7 +44,6 @@ FINAL_MODEL = "model.safetensors"  # full OVSegModel state dict, our layout: bui
 OPEN_CLIP_MODEL = "open_clip_model.safetensors"  # full open_clip CLIP state dict (both towers)
 PROMPTS_FILE = "mask_prompts.safetensors"  # {"mask_prompts": (depth, patches, width)}
 MODEL_CONFIG_FILE = "model_config.json"  # the OVSegConfig the weights belong to
-SUMMARY_FILE = "summary.json"  # written last: the run is finished when it exists
 CKPT_WEIGHTS = "trainable.safetensors"
 CKPT_STATE = "optimizer.pt"
 CKPT_PROGRESS = "progress.json"

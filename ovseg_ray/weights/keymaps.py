@@ -71,6 +71,11 @@ class MappedState:
     def is_clip_only(self) -> bool:
         return all(k.startswith("clip.") or k == PROMPTS_KEY for k in self.tensors)
 
+    @property
+    def is_maskformer_only(self) -> bool:
+        """The MaskFormer part alone (``train-maskformer``'s ``maskformer.safetensors``): any CLIP goes with it."""
+        return bool(self.tensors) and all(k.startswith("maskformer.") or k == NON_OBJECT_KEY for k in self.tensors)
+
     def add(self, ours: str, source: str, tensor: torch.Tensor) -> None:
         if ours in self.tensors:
             raise CheckpointError(f"checkpoint keys {self.origins[ours]} and {source} both map to {ours}")

@@ -1,6 +1,8 @@
 """Load any supported checkpoint into an ``OVSegModel`` with strict key and shape checks.
 
-- ``load_model_weights``: a full model, from our layout or an OVSeg release checkpoint.
+- ``load_model_weights``: a full model, from our layout or an OVSeg release checkpoint; or the
+  MaskFormer part alone (``maskformer.*`` and ``non_object_embedding``, as ``train-maskformer`` writes
+  it), which then keeps the model's CLIP (the preset's, or ``--clip-weights``).
 - ``load_clip_weights``: CLIP only (OpenAI state dict or TorchScript archive, OpenCLIP checkpoint, or
   our CLIP-only file from ``ovseg-ray convert --preset P clip.pt out.safetensors``): every ``clip.*``
   tensor must be there; the mask prompts are taken when the file has them (OVSeg's
@@ -97,10 +99,13 @@ def load_model_weights(model, uri: str, any_prompt_depth: bool = False) -> LoadR
             f"CLIP weights (ovseg_ray.weights.load_clip_weights), or merge it into a full checkpoint: "
             f"`ovseg-ray convert FULL_CHECKPOINT OUT.safetensors --clip-weights {uri}`"
         )
-    state = fit_state(model.state_dict(), mapped, uri, any_prompt_depth=any_prompt_depth,
-                      hint=preset_hint(raw, mapped, model))
-    model.load_state_dict(state, strict=True)
-    report = LoadReport(uri, raw.container, mapped.layout, len(state), dict(mapped.not_loaded))
+    expected, kept = model.state_dict(), []
+    if mapped.is_maskformer_only:
+        expected = {k: v for k, v in expected.items() if k.startswith("maskformer.") or k == "non_object_embedding"}
+        kept = ["CLIP (a MaskFormer-only checkpoint)"]
+    state = fit_state(expected, mapped, uri, any_prompt_depth=any_prompt_depth, hint=preset_hint(raw, mapped, model))
+    model.load_state_dict(state, strict=not kept)
+    report = LoadReport(uri, raw.container, mapped.layout, len(state), dict(mapped.not_loaded), kept)
     log.info(report.summary())
     return report
 
