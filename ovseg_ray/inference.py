@@ -297,3 +297,47 @@ class Segmenter:
             for index, lam in group:
                 labels[index] = self.fuse(p_mf, p_clip, valid, proposals.mask_logits, image.shape[:2], lam)
         return labels
+
+    # ------------------------------------------------------------------------------------------
+    # The paper's oracle analysis (section 1): which of the two stages limits the result?
+
+    def _truth_at(self, truth: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        """A ground-truth map (class index, -1 ignore) nearest-resized to the processing ``size``."""
+        tensor = torch.from_numpy(np.ascontiguousarray(truth)).to(self.device, torch.float32)[None, None]
+        return F.interpolate(tensor, size=tuple(size), mode="nearest")[0, 0].long()
+
+    @torch.no_grad()
+    def oracle_masks(self, image: np.ndarray, truth: np.ndarray, classes: list[str]) -> np.ndarray:
+        """Ground-truth masks classified by the masked CLIP: each class region of ``truth`` (H, W; -1 =
+        ignore) gets the class CLIP gives its region (the shared region preprocessing, at the
+        processing size). Ignore pixels come back as 0; they are not scored."""
+        classes = clean_class_names(classes)
+        resized = self.resize_for_model(image)
+        small = self._truth_at(truth, resized.shape[-2:])
+        present = [int(c) for c in np.unique(truth) if c >= 0]
+        labels = np.zeros(truth.shape, np.int32)
+        if not present:
+            return labels
+        masks = small[None] == torch.tensor(present, device=self.device).view(-1, 1, 1)
+        embeddings, valid = self.embed_regions(resized, masks)
+        predicted = self.clip_probs(embeddings, classes).argmax(dim=1).tolist() if len(embeddings) else []
+        for region, k in zip(predicted, valid.nonzero().flatten().tolist()):
+            labels[truth == present[k]] = region
+        return labels
+
+    @torch.no_grad()
+    def oracle_labels(self, image: np.ndarray, truth: np.ndarray, classes: list[str],
+                      mask_threshold: float | None = None) -> np.ndarray:
+        """MaskFormer proposals labelled by an oracle: each proposal takes the ground-truth class its
+        binary mask overlaps best (IoU at the processing size; none: left out), then the official
+        fusion (sigmoid masks, bilinear resize, argmax) makes the map."""
+        classes = clean_class_names(classes)
+        threshold = self.config.mask_threshold if mask_threshold is None else float(mask_threshold)
+        proposals = self.propose(image)
+        small = self._truth_at(truth, proposals.mask_logits.shape[-2:]).flatten()
+        onehot = F.one_hot(small.clamp(min=0), len(classes)).float() * (small >= 0).float()[:, None]  # (hw, C)
+        binary = proposals.binary_masks(threshold).flatten(1).float()  # (Q, hw)
+        overlap = binary @ onehot
+        iou = overlap / (binary.sum(1, keepdim=True) + onehot.sum(0)[None] - overlap).clamp(min=1)
+        probs = F.one_hot(iou.argmax(1), len(classes)).float() * (overlap.amax(1, keepdim=True) > 0)
+        return fused_labels(probs, proposals.mask_logits, output_size=truth.shape).to(torch.int32).cpu().numpy()

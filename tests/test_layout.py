@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "ovseg_ray"
 CAPABILITIES = ("mining", "training", "evaluation", "serving")
 RAY_MODULES = {"mining": "pipeline", "training": "engine", "evaluation": "engine", "serving": "app"}
-TOP = ("ovseg_ray.cli", "ovseg_ray.client")
+TOP = ("ovseg_ray.cli", "ovseg_ray.client", "ovseg_ray.workflows")
 MAX_LINES = 400
 
 

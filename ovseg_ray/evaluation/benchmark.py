@@ -116,6 +116,9 @@ class EvalConfig(StrictModel):
     seen_classes_from: Literal["coco_stuff_171"] | None = Field(
         None, description="take the seen classes from a training vocabulary (matching first synonyms)")
     paper_rows: bool = Field(True, description="add the paper's OVSeg rows to the table for reference")
+    oracle: Literal["masks", "labels"] | None = Field(
+        None, description="the paper's oracle analysis: masks = ground-truth masks classified by CLIP; labels "
+                          "= MaskFormer proposals labelled with the ground-truth class they overlap best")
 
     @field_validator("benchmarks")
     @classmethod
@@ -165,7 +168,16 @@ class EvalTask:
     layout: BenchmarkLayout
     classes: list[str]
     settings: list[tuple[float, float]]
+    oracle: str | None = None
     output_schema = EVAL_ROW_SCHEMA
+
+    def predict(self, segmenter, image: np.ndarray, label: np.ndarray) -> list[np.ndarray]:
+        """One label map per setting (the oracle analyses have one setting: their threshold)."""
+        if self.oracle == "masks":
+            return [segmenter.oracle_masks(image, label, self.classes)]
+        if self.oracle == "labels":
+            return [segmenter.oracle_labels(image, label, self.classes, self.settings[0][1])]
+        return segmenter.segment_settings(image, self.classes, self.settings)
 
     def process(self, segmenter, row: dict) -> list[dict]:
         base = {"image_uri": row["image_uri"], "label_uri": row["label_uri"],
@@ -191,7 +203,7 @@ class EvalTask:
                                    f"{row['image_uri']} is {image.shape[1]}x{image.shape[0]}")
         out = []
         try:
-            for index, pred in enumerate(segmenter.segment_settings(image, self.classes, self.settings)):
+            for index, pred in enumerate(self.predict(segmenter, image, label)):
                 cells, counts = metrics.confusion_cells(pred, label, len(self.classes))
                 out.append({**base, "setting": index, "cells": cells.tolist(), "counts": counts.tolist(),
                             "stage": "", "reason": ""})
@@ -285,7 +297,9 @@ def benchmark_inputs(config: EvalConfig, benchmark: str) -> tuple[list[dict], Ev
     items = [{"image_uri": s.image_uri, "label_uri": s.label_uri} for s in reader.samples()]
     print(f"{benchmark}: {len(items)} images, {len(classes)} classes, {len(settings)} setting(s) "
           f"(lambda, mask threshold) {settings}")
-    return items, EvalTask(reader.layout, classes, settings)
+    if config.oracle:
+        settings = settings[:1]
+    return items, EvalTask(reader.layout, classes, settings, config.oracle)
 
 
 def benchmark_result(config: EvalConfig, benchmark: str, task: EvalTask, images: int,
@@ -310,6 +324,7 @@ def benchmark_result(config: EvalConfig, benchmark: str, task: EvalTask, images:
         "class_names": config.class_names,
         "model": config.model.model_dump(),
         "lambda": settings[0][0],
+        "oracle": config.oracle,
         "mask_threshold": settings[0][1],
         **sweep[0],
         "convention": metrics.CONVENTION,

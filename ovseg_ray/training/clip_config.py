@@ -7,7 +7,7 @@ import json
 import logging
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..config import ConfigError, ModelPreset, StrictModel
 from ..data import storage
@@ -29,12 +29,27 @@ class ModelSection(StrictModel):
 
 
 class DataSection(StrictModel):
-    pairs: str = Field(description="mined pairs Parquet file or folder (path or s3://)")
+    pairs: str | None = Field(None, description="mined pairs Parquet file or folder (path or s3://)")
+    instances: str | None = Field(None, description="instead of pairs: a COCO instances JSON with masks; every "
+                                  "instance is a pair with its category name (the paper's GT-mask baseline)")
+    instance_images: str | None = Field(None, description="the image folder of `instances` (path or s3://)")
     shuffle_buffer: int = Field(256, ge=0, description="rows in each worker's local shuffle buffer (0 = off)")
     preprocess_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data region-decoding task")
     preprocess_batch_rows: int = Field(64, ge=1, description="pair rows per decoding task batch")
     cache_regions: bool = Field(False, description="decode every pair once and keep the regions in Ray's "
                                 "object store for all epochs (small tables only: 3*S*S*4 bytes per pair)")
+
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if (self.pairs is None) == (self.instances is None):
+            raise ValueError("give exactly one of pairs (mined) and instances (ground truth)")
+        if self.instances is not None and self.instance_images is None:
+            raise ValueError("instances needs instance_images, the folder of its images")
+        return self
+
+    def source(self) -> str:
+        return self.pairs or self.instances
 
 
 class OptimSection(StrictModel):
@@ -80,7 +95,7 @@ class TrainClipConfig(StrictModel):
     def fingerprint(self) -> dict:
         """The settings a resumed or finished run must share with the command that re-runs it."""
         return self.model_dump(mode="json", include={"mode", "objective", "text_templates", "model", "optim"}) | {
-            "pairs": self.data.pairs}
+            "pairs": self.data.source()}
 
 
 def run_dir(config: TrainClipConfig) -> str:

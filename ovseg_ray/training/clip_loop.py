@@ -134,7 +134,7 @@ def _write_final(config: TrainClipConfig, model, directory: str, history: list[d
     final_dir = storage.join(directory, FINAL_DIR)
     metadata = {"mode": config.mode, "objective": config.objective, "epochs": str(config.optim.epochs),
                 "preset": config.model.preset, "init_weights": config.model.init_weights or "",
-                "pairs": config.data.pairs, "run": directory}
+                "pairs": config.data.source(), "run": directory}
     outputs = export_model(model, final_dir, metadata)
     summary = {
         "run": directory, "mode": config.mode, "objective": config.objective, "epochs": config.optim.epochs,

@@ -28,11 +28,16 @@ from .maskformer_config import TrainMaskFormerConfig, class_names
 from .maskformer_config import run_dir as maskformer_run_dir
 from .maskformer_data import list_samples, load_batch
 from .maskformer_loop import run_maskformer_training
-from .pair_batches import REQUIRED_PAIR_COLUMNS, decode_pairs, noun_problem, region_size
-from .runs import RunSection, check_run_record as check_record, read_summary
+from .pair_batches import REQUIRED_PAIR_COLUMNS, coco_instance_pairs, decode_pairs, noun_problem, region_size
+from .pretrain import RUN_RECORD as PRETRAIN_RECORD
+from .pretrain import PretrainClipConfig, caption_batch
+from .pretrain_loop import run_pretraining
+from .runs import RunSection, read_summary
+from .runs import check_run_record as check_record
+from .runs import run_dir as run_path
 
 logger = logging.getLogger(__name__)
-LOOPS = {"clip": run_clip_training, "maskformer": run_maskformer_training}
+LOOPS = {"clip": run_clip_training, "maskformer": run_maskformer_training, "pretrain": run_pretraining}
 
 
 class RaySession:
@@ -144,6 +149,15 @@ def _fit(loop: str, loop_config: dict, run: RunSection, use_gpu: bool, datasets:
     return trainer.fit()
 
 
+def _already_finished(directory: str, record: tuple, what: str) -> dict | None:
+    """The summary of a finished run (its settings checked against ``record``), printed; else None."""
+    done = read_summary(directory)
+    if done is not None:
+        check_record(*record)
+        print(f"run {directory} already finished ({what.format(**done)}); outputs in {done['outputs']}")
+    return done
+
+
 def _finished_or_fail(directory: str, result) -> dict:
     summary = read_summary(directory)
     if summary is None:
@@ -160,12 +174,17 @@ def load_pairs(config: TrainClipConfig):
     """The pairs as a Ray Dataset of decoded regions, their row count and the sorted vocabulary."""
     import ray.data
 
-    uri = config.data.pairs
+    uri = config.data.source()
     if not storage.exists(uri):
         raise FileNotFoundError(f"pairs not found: {uri}")
-    files = pair_files(uri)
-    filesystem = _filesystem(files[0])[0]
-    ds = ray.data.read_parquet([_filesystem(f)[1] for f in files], filesystem=filesystem)
+    if config.data.instances:  # ground-truth pairs: every instance mask with its category name
+        images = config.data.instance_images
+        images = images if storage.is_remote(images) else os.path.abspath(images)  # workers read these URIs
+        ds = ray.data.from_arrow(coco_instance_pairs("", config.data.instances, images))
+    else:
+        files = pair_files(uri)
+        filesystem = _filesystem(files[0])[0]
+        ds = ray.data.read_parquet([_filesystem(f)[1] for f in files], filesystem=filesystem)
     missing = [c for c in REQUIRED_PAIR_COLUMNS if c not in ds.schema().names]
     if missing:
         raise ValueError(f"the pairs table {uri} lacks the column(s) {', '.join(missing)} "
@@ -264,11 +283,9 @@ def segmentation_dataset(config: TrainMaskFormerConfig, samples):
 def train_maskformer(config: TrainMaskFormerConfig) -> dict:
     """Run (or resume, or report the finished) MaskFormer training; returns the run summary."""
     directory = maskformer_run_dir(config)
-    done = read_summary(directory)
     record = (directory, MASKFORMER_RECORD, config.fingerprint(), config.model_dump(mode="json"))
+    done = _already_finished(directory, record, "{steps} steps")
     if done is not None:
-        check_record(*record)
-        print(f"run {directory} already finished ({done['steps']} steps); outputs in {done['outputs']['model']}")
         return {**done, "already_finished": True}
     for field in ("init_weights", "clip_weights"):
         given = getattr(config.model, field)
@@ -297,4 +314,43 @@ def train_maskformer(config: TrainMaskFormerConfig) -> dict:
     skipped = summary["skipped_labels"]
     print(f"train-maskformer finished: {summary['steps']} steps, loss {last.get('loss', float('nan')):.4f}; "
           f"{len(skipped)} label file(s) skipped; model {summary['outputs']['model']}")
+    return {**summary, "already_finished": False}
+
+
+# ----------------------------------------------------------------------------------------------
+# pretrain-clip
+
+
+def pretrain_clip(config: PretrainClipConfig) -> dict:
+    """Run (or resume, or report the finished) image-caption pretraining; returns the run summary."""
+    from ..data.coco import CocoCaptions
+    from ..models.ovseg import load_preset
+    from ..raycluster import items_dataset
+
+    directory = run_path(config.run.storage_path, config.run.name)
+    record = (directory, PRETRAIN_RECORD, config.fingerprint(), config.model_dump(mode="json"))
+    done = _already_finished(directory, record, "{epochs} epochs")
+    if done is not None:
+        return {**done, "already_finished": True}
+    use_gpu = _resolve_use_gpu(config)
+    _check_cpu_budget(config.run, config.data.preprocess_cpus, use_gpu)
+    dataset = CocoCaptions(config.data.images, config.data.captions, captions_per_image=None,
+                           max_images=config.data.max_images)
+    if len(dataset) < 2:
+        raise ValueError(f"captions file {config.data.captions} lists {len(dataset)} image(s); pretraining needs two")
+    check_record(*record)
+    arch = load_preset(config.preset).clip_arch
+    items = [{"image_uri": image.uri, "captions": list(image.captions)} for image in dataset.images]
+    ds = items_dataset(items, config.data.preprocess_batch_rows).randomize_block_order().map_batches(
+        caption_batch, fn_kwargs={"arch": arch, "size": region_size(load_preset(config.preset))},
+        batch_size=config.data.preprocess_batch_rows, batch_format="numpy", num_cpus=config.data.preprocess_cpus)
+    print(f"pretrain-clip {arch}: {len(items)} images, {config.optim.epochs} epochs of batches of "
+          f"{config.optim.batch_size} per worker on {config.run.num_workers} worker(s) "
+          f"({'GPU' if use_gpu else 'CPU'}); run folder {directory}")
+    result = _fit("pretrain", {"config": config.model_dump(mode="json"), "images": len(items), "run_dir": directory},
+                  config.run, use_gpu, {"train": ds})
+    summary = _finished_or_fail(directory, result)
+    last = summary["history"][-1]
+    print(f"pretrain-clip finished: {summary['epochs']} epochs, loss {last['loss']:.4f}, in-batch accuracy "
+          f"{last['accuracy']:.3f}; CLIP {summary['outputs']['clip']}")
     return {**summary, "already_finished": False}

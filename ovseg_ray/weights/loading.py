@@ -61,7 +61,8 @@ def fit_state(expected: dict[str, torch.Tensor], mapped: MappedState, source: st
     mask prompts. OVSeg's shared mask prompt of shape (depth, 1, width) is broadcast to every patch,
     and derived buffers (Swin's relative position index) must equal the model's own.
     ``any_prompt_depth``: mask prompts of another depth give the model their first depths (deeper
-    model: the rest keep the model's values; depth-0 model: the prompts are left out).
+    model: the rest keep the model's values; depth-0 model: the prompts are left out; a file without
+    prompts: the model keeps its own).
     """
     if clip_only:
         expected = {k: v for k, v in expected.items() if k.startswith("clip.") or k == PROMPTS_KEY}
@@ -81,7 +82,7 @@ def fit_state(expected: dict[str, torch.Tensor], mapped: MappedState, source: st
         source_key = mapped.origins.get(key) or mapped.source_name(key)
         return key if source_key == key else f"{source_key} (model key {key})"
 
-    check_state(expected, state, source, optional={PROMPTS_KEY} if clip_only else (),
+    check_state(expected, state, source, optional={PROMPTS_KEY} if clip_only or any_prompt_depth else (),
                 unexpected_extra=mapped.unmapped, describe=describe, hint=hint)
     for key in state:
         if key.endswith("relative_position_index") and not torch.equal(state[key].to(expected[key]), expected[key]):
@@ -104,6 +105,8 @@ def load_model_weights(model, uri: str, any_prompt_depth: bool = False) -> LoadR
         expected = {k: v for k, v in expected.items() if k.startswith("maskformer.") or k == "non_object_embedding"}
         kept = ["CLIP (a MaskFormer-only checkpoint)"]
     state = fit_state(expected, mapped, uri, any_prompt_depth=any_prompt_depth, hint=preset_hint(raw, mapped, model))
+    if PROMPTS_KEY in expected and PROMPTS_KEY not in state:  # a file without prompts, adapted (any_prompt_depth)
+        kept.append("mask prompts (their initial values)")
     model.load_state_dict(state, strict=not kept)
     report = LoadReport(uri, raw.container, mapped.layout, len(state), dict(mapped.not_loaded), kept)
     log.info(report.summary())
