@@ -49,8 +49,9 @@ class ModelConfig(StrictModel):
 
     preset: ModelPreset = Field("tiny", description="model preset (tiny, r101c-vitb16, swinb-vitl14) or a "
                                                    "model config .json")
-    weights: str | None = Field(None, description="checkpoint path or s3:// URI (our layout); none = seeded "
-                                                  "random weights")
+    weights: str | None = Field("default", description="checkpoint path or s3:// URI (our layout or an OVSeg "
+                                "release); default = the preset's shipped weights (tiny ships trained ones; "
+                                "the others none), none = seeded random weights")
     device: str = Field("auto", description="auto (the GPU Ray gave the actor/replica, else CPU), cpu, cuda "
                                             "or cuda:N")
     seed: int = Field(0, description="seed of the random initialisation (presets without weights)")

@@ -101,9 +101,10 @@ def synth_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model():
+    """The model every engine builds by default (``tiny`` with its shipped weights)."""
     from ovseg_ray.models.ovseg import build_model
 
-    return build_model("tiny")
+    return build_model("tiny", weights="default")
 
 
 def mining_test_config(root, output: str, images: str | None = None, captions: str | None = None, **overrides):

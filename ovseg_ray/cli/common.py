@@ -26,10 +26,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", help='comma-separated class names, e.g. "sky,grass,red circle"')
     parser.add_argument("--classes-file", help="file (path or s3://) with one class name per line")
     parser.add_argument("--preset", default="tiny",
-                        help="model preset: tiny (random weights), r101c-vitb16, swinb-vitl14 (default tiny), "
+                        help="model preset: tiny (ships weights trained on the open world), r101c-vitb16, swinb-vitl14 (default tiny), "
                              "or a model config .json such as a training run's final/model_config.json")
-    parser.add_argument("--weights", default=None,
-                        help="whole-model checkpoint, path or s3:// URI: our layout or an OVSeg release .pth")
+    parser.add_argument("--weights", default="default",
+                        help="whole-model checkpoint, path or s3:// URI: our layout or an OVSeg release .pth; "
+                             "default: the preset's shipped weights (tiny's; random for the others); none: "
+                             "seeded random weights")
     parser.add_argument("--clip-weights", default=None,
                         help="CLIP-only weights (OpenAI ViT-*.pt, OpenCLIP checkpoint or `ovseg-ray convert "
                              "--preset P` output) that replace the model's CLIP after --weights")
@@ -37,11 +39,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_class_names(classes: str | None, classes_file: str | None) -> list[str]:
-    """Class names from ``--classes`` or ``--classes-file`` (one per line, blank lines skipped)."""
+    """Class names from ``--classes`` or ``--classes-file`` (one per line, blank lines skipped; or a .json
+    class list, ``{"classes": [...]}``)."""
     from ..models.text import clean_class_names, read_class_file
 
     if classes and classes_file:
         raise ValueError("give either --classes or --classes-file, not both")
+    if classes_file and classes_file.endswith(".json"):  # a class list such as the world's classes/all.json
+        from ..data.benchmarks import read_class_names as read_class_list
+
+        return clean_class_names(read_class_list(classes_file))
     if classes_file:
         return read_class_file(classes_file)
     if classes is None:

@@ -27,6 +27,7 @@ from ..data.images import ImageDecodeError, decode_image
 from ..data.readers import BENCHMARKS, BenchmarkLayout, BenchmarkReader, custom_layout, decode_label
 from ..device import is_device_failure
 from ..models.official import BENCHMARK_LAMBDAS, DEFAULT_LAMBDA
+from ..models.ovseg import resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,8 @@ class EvalConfig(StrictModel):
     def display_name(self) -> str:
         if self.name:
             return self.name
-        weights = os.path.basename(self.model.weights.rstrip("/")) if self.model.weights else "random weights"
+        weights = resolve_weights(self.model.preset, self.model.weights)
+        weights = os.path.basename(weights.rstrip("/")) if weights else "random weights"
         return f"{self.model.preset} ({weights})"
 
 

@@ -14,8 +14,8 @@ class StageConfig(ActorPoolConfig):
 
     preset: ModelPreset = Field("tiny", description="model preset (tiny, r101c-vitb16, swinb-vitl14) or a model "
                                             "config .json (path or s3://)")
-    weights: str | None = Field(None, description="checkpoint path or s3:// URI (our layout); "
-                                                  "none = the preset's random weights")
+    weights: str | None = Field("default", description="checkpoint path or s3:// URI (our layout); default = "
+                                "the preset's shipped weights, none = seeded random weights")
     num_cpus: float = Field(0.5, ge=0, description="CPUs per actor (fractions allowed); torch threads = "
                                                    "max(1, int(num_cpus))")
 

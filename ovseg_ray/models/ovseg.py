@@ -7,6 +7,7 @@ names, both towers), ``region_encoder.mask_prompts`` and ``non_object_embedding`
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from pydantic import Field, ValidationError, field_validator
@@ -119,6 +120,30 @@ def _fill_alias_keys(module, state_dict, prefix, *args) -> None:
         state_dict[prefix + _ALIAS_PREFIX + key[len(source):]] = state_dict[key]
 
 
+SHIPPED_WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_WEIGHTS = "default"  # the preset's shipped weights where it ships some, else seeded random ones
+NO_WEIGHTS = "none"  # seeded random weights, whatever the preset
+
+
+def shipped_weights(preset: str | OVSegConfig) -> str | None:
+    """The weights file a named preset ships in the package (only ``tiny``: trained on the open world,
+    see ``models/weights/tiny.md``), or None."""
+    if not isinstance(preset, str):
+        return None
+    path = SHIPPED_WEIGHTS_DIR / f"{preset}.safetensors"
+    return str(path) if path.exists() else None
+
+
+def resolve_weights(preset: str | OVSegConfig, weights: str | None) -> str | None:
+    """The file an engine loads: ``default`` = the preset's shipped weights (random where none ship),
+    ``none`` (or None) = seeded random weights, anything else a path or s3:// URI."""
+    if weights is None or weights.lower() == NO_WEIGHTS:
+        return None
+    if weights == DEFAULT_WEIGHTS:
+        return shipped_weights(preset)
+    return weights
+
+
 def build_model(
     preset: str | OVSegConfig = "tiny",
     weights: str | None = None,
@@ -126,7 +151,8 @@ def build_model(
     seed: int = 0,
     clip_weights: str | None = None,
 ) -> OVSegModel:
-    """Build a model from a preset name or config; load ``weights`` (path or s3:// URI) if given.
+    """Build a model from a preset name or config; load ``weights`` (path or s3:// URI, ``default`` for
+    the preset's shipped weights, None or ``none`` for random ones; :func:`resolve_weights`).
 
     ``clip_weights`` (a CLIP-only file: OpenAI, OpenCLIP, or ``ovseg-ray convert --preset`` output)
     then replaces the model's CLIP, e.g. to try a fine-tuned CLIP with released MaskFormer weights.
@@ -138,6 +164,7 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = OVSegModel(config)
+    weights = resolve_weights(preset, weights)
     if weights:
         load_weights(model, weights)
     if clip_weights:

@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
 from .. import __version__
+from ..models.ovseg import resolve_weights
 from ..outputs import OUTPUT_KINDS
 from .api import (
     ErrorResponse,
@@ -86,7 +87,7 @@ _SEGMENT_DOCS = {
 
 
 def _warn_random_weights(config: ServeConfig) -> None:
-    if config.model.weights is None and config.model.preset != "tiny":
+    if resolve_weights(config.model.preset, config.model.weights) is None:
         logger.warning("preset %s is serving RANDOM weights (model.weights is not set)", config.model.preset)
 
 

@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 from ..config import ConfigError, ModelPreset, StrictModel
 from ..data import storage
 from ..data.pair_store import OutputLayout
+from ..models.ovseg import resolve_weights
 from ..weights.readers import safetensors_metadata
 from . import runs
 
@@ -22,8 +23,9 @@ RUN_RECORD = "train_clip_config.json"
 class ModelSection(StrictModel):
     preset: ModelPreset = Field("tiny", description="model preset (tiny, r101c-vitb16, swinb-vitl14) or a "
                                                    "model config .json")
-    init_weights: str | None = Field(None, description="starting checkpoint, our layout (path or s3://); "
-                                     "for ft-mpt the final model.safetensors of an ft run")
+    init_weights: str | None = Field(None, description="starting checkpoint, our layout (path or s3://), or "
+                                     "default (the preset's shipped weights); for ft-mpt the final "
+                                     "model.safetensors of an ft run; none: random")
     clip_weights: str | None = Field(None, description="optional open_clip state dict replacing both CLIP towers")
     prompt_depth: int | None = Field(None, ge=0, description="mask prompt depth (default: the preset's)")
 
@@ -120,6 +122,8 @@ def check_start_weights(config: TrainClipConfig) -> None:
     """Starting weights exist (checked on the driver: a worker would fail and be retried in vain)."""
     for field in ("init_weights", "clip_weights"):
         given = getattr(config.model, field)
+        if field == "init_weights":
+            given = resolve_weights(config.model.preset, given)
         if given and not storage.exists(given):
             raise FileNotFoundError(f"model.{field} not found: {given}")
     if config.mode != "ft-mpt":

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..data import storage
 from .losses import contrastive_loss, vocabulary_correct, vocabulary_loss
-from ..models.ovseg import OVSegConfig, OVSegModel, build_model, load_preset
+from ..models.ovseg import OVSegConfig, OVSegModel, build_model, load_preset, resolve_weights
 from ..weights import load_clip_weights, load_model_weights
 from ..weights.checkpoint import read_checkpoint, save_checkpoint
 from ..weights.errors import CheckpointError
@@ -70,6 +70,7 @@ def build_training_model(preset: str, init_weights: str | None = None, clip_weig
                          prompt_depth: int | None = None, seed: int = 0) -> OVSegModel:
     """The model to train, on the CPU: preset (optionally another prompt depth) + starting weights."""
     model = build_model(model_config(preset, prompt_depth), seed=seed)
+    init_weights = resolve_weights(preset, init_weights)
     if init_weights:  # our layout or a release file; mask prompts of another depth are adapted
         load_model_weights(model, init_weights, any_prompt_depth=True)
     if clip_weights:

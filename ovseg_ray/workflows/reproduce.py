@@ -44,7 +44,7 @@ class ReproduceConfig(StrictModel):
     eval_images: int = Field(200, ge=2, description="held-out evaluation images")
     clip_epochs: int = Field(30, ge=1)
     clip_batch: int = Field(128, ge=2)
-    clip_lr: float = Field(1e-3, gt=0)
+    clip_lr: float = Field(2e-3, gt=0)
     maskformer_steps: int = Field(1500, ge=1)
     maskformer_batch: int = Field(8, ge=1)
     adapt_epochs: int = Field(6, ge=1, description="epochs of each train-clip run")
