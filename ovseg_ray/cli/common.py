@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 from pydantic import BaseModel
@@ -54,3 +55,19 @@ def read_class_names(classes: str | None, classes_file: str | None) -> list[str]
     if classes is None:
         raise ValueError("no classes given: use --classes or --classes-file")
     return clean_class_names([c for c in classes.split(",")] if classes.strip() else [])
+
+
+def run_training(args: argparse.Namespace, config, train: Callable):
+    """Join or start Ray and run a Ray Train command's ``train(config)``; its summary, or None after a
+    one-line error when training failed for good (a re-run resumes from the last checkpoint)."""
+    from ray.train import TrainingFailedError
+
+    from ..raycluster import init_ray
+
+    init_ray(args.address)
+    try:
+        return train(config)
+    except TrainingFailedError as exc:
+        print(f"error: training failed after {config.run.max_failures} retries: {exc}; re-run the same "
+              f"command to resume from the last checkpoint", file=sys.stderr)
+        return None
