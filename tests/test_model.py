@@ -84,7 +84,7 @@ def test_processing_size_follows_shorter_side_with_cap():
     assert processing_size(100, 4000, 512, 2048) == (51, 2048)
 
 
-def test_clip_weights_replace_the_models_clip(tmp_path, tiny_model):
+def test_clip_weights_replace_the_models_clip(tmp_path):
     """An OpenCLIP-style checkpoint ({"state_dict": {"module.*"}}) given as clip_weights replaces CLIP only."""
     donor = build_model("tiny", seed=9)
     path = str(tmp_path / "openclip.pt")
@@ -92,8 +92,9 @@ def test_clip_weights_replace_the_models_clip(tmp_path, tiny_model):
     model = build_model("tiny", clip_weights=path)
     for key, value in donor.clip.state_dict().items():
         assert torch.equal(model.clip.state_dict()[key], value), key
+    # build_model without weights is the seed-0 random model: its MaskFormer must be untouched.
     assert torch.equal(model.maskformer.sem_seg_head.predictor.query_embed.weight,
-                       tiny_model.maskformer.sem_seg_head.predictor.query_embed.weight)
+                       build_model("tiny").maskformer.sem_seg_head.predictor.query_embed.weight)
 
 
 def test_preset_can_be_a_model_config_file(tmp_path):

