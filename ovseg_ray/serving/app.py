@@ -28,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
 from .. import __version__
+from ..data import storage
 from ..outputs import OUTPUT_KINDS
 from .api import (
     RequestError,
@@ -335,6 +336,8 @@ def deploy(config: ServeConfig) -> str:
     """
     num_gpus = {stage: resolve_num_gpus(getattr(config, stage).num_gpus) for stage in STAGE_DEPLOYMENTS}
     check_serve_capacity(config, num_gpus)
+    if config.model.weights and not storage.exists(config.model.weights):  # before any replica tries
+        raise FileNotFoundError(f"model.weights not found: {config.model.weights}")
     serve.start(http_options=config.http.serve_options())
     client = _get_global_client()
     others = [app for app in _declared_applications(client) if app.get("name") != config.app_name]

@@ -44,6 +44,7 @@ from .config import (
 from .pair_batches import REQUIRED_PAIR_COLUMNS, batch_tensors, decode_pairs, noun_problem, region_size
 
 logger = logging.getLogger(__name__)
+STOPPED_FILE = "stopped.json"  # an epoch without any usable pair: why the run stopped untrained
 
 
 def _resolve_use_gpu(config: TrainClipConfig) -> bool:
@@ -164,7 +165,15 @@ def train_clip(config: TrainClipConfig) -> dict:
         ),
         datasets={"train": ds},
     )
+    stopped = storage.join(directory, STOPPED_FILE)  # written by rank 0 when no pair of an epoch could be used
+    if storage.exists(stopped):
+        storage.remove_files([stopped])
     result = trainer.fit()
+    if storage.exists(stopped):
+        last = json.loads(storage.read_bytes(stopped))
+        reasons = "; ".join(last["skip_reasons"]) or "no reason recorded"
+        raise ValueError(f"training stopped in epoch {last['epoch']}: all {last['skipped_pairs']} pairs were skipped, "
+                         f"none could be used (first reasons: {reasons}); no model was written")
     summary_path = storage.join(directory, FINAL_DIR, SUMMARY_FILE)
     if not storage.exists(summary_path):
         raise RuntimeError(f"training ended without writing {summary_path} (last checkpoint: {result.checkpoint})")
@@ -310,6 +319,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             logger.info("epoch %d/%d: loss %.4f accuracy %.3f, %.1f samples/s, %d pairs (%d skipped), lr %.3g, %.1fs",
                         epoch, optim.epochs, metrics["loss"], metrics["accuracy"], metrics["samples_per_s"],
                         metrics["pairs"], metrics["skipped_pairs"], metrics["lr"], seconds)
+        if metrics["pairs"] == 0:  # every pair skipped (all ranks agree after the all-reduce): stop untrained
+            if rank == 0:
+                storage.write_text(storage.join(directory, STOPPED_FILE), json.dumps({**metrics, "skip_reasons": reasons[:3]}))
+            return
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             reported = None
             if rank == 0:
