@@ -110,8 +110,10 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(model: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Build ``model`` from a YAML file (optional) plus ``{"a.b": value}`` overrides."""
+def load_config(model: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                context: dict[str, Any] | None = None) -> T:
+    """Build ``model`` from a YAML file (optional) plus ``{"a.b": value}`` overrides (``context``: for
+    the model's validators)."""
     data: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -130,7 +132,7 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: dict[
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
 
@@ -180,6 +182,13 @@ def _parse_value(raw: str, as_list: bool) -> Any:
     elif as_list and value is not None and not isinstance(value, list):
         value = [value]  # one number or flag for a list field: a list of one
     return value
+
+
+def dotted_values(model: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": "8"}`` with each text value parsed as the flag ``--a.b 8`` would be (a YAML scalar; a
+    comma-separated list for list fields); other values pass unchanged."""
+    lists = {dotted for dotted, annotation, _ in _leaf_fields(model) if _is_list(annotation)}
+    return {key: _parse_value(value, key in lists) if isinstance(value, str) else value for key, value in values.items()}
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import sys
 
 from ..config import config_from_args
 from ..mining.config import MiningConfig
-from .common import add_config_command
+from .common import add_config_command, refuse_relative_paths_in_job
 
 
 def register(subparsers) -> None:
@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from ..raycluster import init_ray
 
     config = config_from_args(args, MiningConfig)
+    refuse_relative_paths_in_job({"output": config.output})
     load_nltk_resources()  # a missing nltk resource is reported before Ray starts
     init_ray(args.address)
     try:

@@ -20,7 +20,7 @@ import sys
 
 from ..config import config_from_args
 from ..training.clip_config import TrainClipConfig
-from .common import add_config_command
+from .common import add_config_command, refuse_relative_paths_in_job
 
 
 def register(subparsers) -> None:
@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.engine import train_clip
 
     config = config_from_args(args, TrainClipConfig)
+    refuse_relative_paths_in_job({"run.storage_path": config.run.storage_path})
     init_ray(args.address)
     try:
         train_clip(config)

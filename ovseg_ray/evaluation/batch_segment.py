@@ -32,7 +32,7 @@ from .config import ComputeConfig
 from ..config import ModelConfig, StrictModel
 from ..data.images import ImageDecodeError, decode_image
 from ..device import is_device_failure
-from ..outputs import OUTPUT_SUFFIXES, result_summary, segmentation_paths, write_segmentation
+from ..outputs import OUTPUT_SUFFIXES, claim_stems, result_summary, segmentation_paths, write_segmentation
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 RUN_FILE = "run.yaml"  # not .json: no image output can be named like it
@@ -81,9 +81,14 @@ class SegmentBatchConfig(StrictModel):
 
 
 def resolve_classes(config: SegmentBatchConfig) -> list[str]:
-    from ..models.text import clean_class_names, read_class_file
+    """The vocabulary, each name once (the rule of ``segment`` and the service), also after demo mode
+    appends "others" to a single name."""
+    from ..inference import vocabulary
+    from ..models.text import distinct_class_names, read_class_file
 
-    return read_class_file(config.classes_file) if config.classes_file else clean_class_names(config.classes)
+    classes = read_class_file(config.classes_file) if config.classes_file else distinct_class_names(config.classes)
+    distinct_class_names(vocabulary(classes, config.mode))
+    return classes
 
 
 def output_paths(out: str, stem: str) -> dict[str, str]:
@@ -110,23 +115,17 @@ def _normalise(uri: str) -> str:
 def list_inputs(input_uri: str, out: str) -> tuple[list[dict], list[dict]]:
     """Images under ``input_uri`` as rows ``{image_uri, stem}``, plus rows for images that would
     overwrite another image's outputs (same path, other extension). Files under ``out`` are left out."""
+    storage.check_output_folder(out, "out")
     root = _normalise(input_uri)
     files = storage.list_files(root, suffixes=IMAGE_SUFFIXES)
     out_root = _normalise(out)
     if out_root.rstrip("/") == root.rstrip("/"):
         raise ValueError(f"the output folder must differ from the input folder ({input_uri})")
     skip_out = _inside(out_root, root)  # outputs inside the input: never take them for inputs
-    rows, clashes, owners = [], [], {}
-    for uri in files:
-        if skip_out and _inside(uri, out_root):
-            continue
-        stem = os.path.splitext(_relative(uri, root))[0]
-        if stem in owners:
-            clashes.append({"image_uri": uri, "stem": stem,
-                            "reason": f"outputs would overwrite those of {owners[stem]} (same name)"})
-            continue
-        owners[stem] = uri
-        rows.append({"image_uri": uri, "stem": stem})
+    kept, refused = claim_stems((uri, os.path.splitext(_relative(uri, root))[0]) for uri in files
+                                if not (skip_out and _inside(uri, out_root)))
+    rows = [{"image_uri": uri, "stem": stem} for uri, stem in kept]
+    clashes = [{"image_uri": uri, "stem": stem, "reason": reason} for uri, stem, reason in refused]
     if not rows and not clashes:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {input_uri}")
     return rows, clashes
