@@ -179,7 +179,7 @@ def test_end_to_end_pairs_are_valid(local_run, coco, synth_dataset):
     # Every image ends with pairs or with an error.
     assert summary["images_with_pairs"] + len(set(errors.column("image_id").to_pylist())) == 12
     assert summary["shards"] == summary["shards_done"] == 3 and summary["complete"]
-    assert summary["images_processed"] == 12 and summary["images_per_s"] > 0
+    assert summary["this_run"]["images_processed"] == 12 and summary["this_run"]["images_per_s"] > 0
     assert "mined %d pairs" % pairs.num_rows in result.summary_line()
 
 
@@ -286,7 +286,7 @@ def test_resume_after_injected_failure(local_run, synth_dataset, tmp_path):
     result = mine_pairs(make_config(synth_dataset, str(out), **settings))
     assert result.summary["shards_skipped"] == 1
     assert sorted(result.shards_written) == sorted({0, 1, 2} - done)
-    assert result.summary["images_processed"] == 12 - 4
+    assert result.summary["this_run"]["images_processed"] == 12 - 4
     resumed, uninterrupted = read_dir(out / "pairs"), read_dir(reference / "pairs")
     assert resumed.num_rows == uninterrupted.num_rows
     assert sorted_rows(resumed) == sorted_rows(uninterrupted)

@@ -77,18 +77,31 @@ class OutputLayout:
         storage.write_bytes(self.shard_file("pairs", shard.index), _parquet_bytes(pairs))
         storage.write_text(self.path("shards", f"{shard.name}.json"), json.dumps(counts, sort_keys=True))
 
+    def check_output(self) -> None:
+        """Refuse an output that names an existing file (a folder or prefix is expected)."""
+        fs, path = storage.filesystem(self.root)
+        if fs.exists(path) and fs.isfile(path):
+            raise ConfigError(f"output {self.root} is an existing file; give a folder (or s3:// prefix) for the "
+                              f"mined pairs")
+
     def check_manifest(self, settings: dict[str, Any]) -> None:
-        """Write manifest.json, or refuse when an existing one was made with other settings."""
+        """Refuse to add to an output whose committed shards were mined with other settings.
+
+        An output without any committed shard (a refused or crashed first run) takes new settings.
+        Nothing is written here: :meth:`write_manifest` records the settings once the run can start.
+        """
         uri = self.path(MANIFEST_FILE)
-        if storage.exists(uri):
-            previous = json.loads(storage.read_bytes(uri))
-            changed = settings_changes(previous, settings)
-            if changed:
-                raise ConfigError(
-                    f"output {self.root} holds pairs mined with other settings ({'; '.join(changed)}); "
-                    f"use a new output folder or restore those settings to resume")
+        if not storage.exists(uri):
             return
-        storage.write_text(uri, json.dumps(settings, indent=2, sort_keys=True))
+        previous = json.loads(storage.read_bytes(uri))
+        changed = settings_changes(previous, settings)
+        if changed and self.completed_shards():
+            raise ConfigError(
+                f"output {self.root} holds pairs mined with other settings ({'; '.join(changed)}); "
+                f"use a new output folder or restore those settings to resume")
+
+    def write_manifest(self, settings: dict[str, Any]) -> None:
+        storage.write_text(self.path(MANIFEST_FILE), json.dumps(settings, indent=2, sort_keys=True))
 
     def read_table(self, kind: Literal["pairs", "errors"], shards: Iterable[int] | None = None,
                    columns: list[str] | None = None) -> pa.Table:

@@ -73,11 +73,11 @@ class MiningResult:
     shards_written: list[int] = field(default_factory=list)
 
     def summary_line(self) -> str:
-        s = self.summary
+        s, run = self.summary, self.summary["this_run"]
         errors = ", ".join(f"{k} {v}" for k, v in sorted(s["errors_by_reason"].items())) or "none"
         return (f"mined {s['pairs']} pairs ({s['unique_nouns']} unique nouns) from {s['images_with_pairs']} of "
                 f"{s['images_in']} images in {s['shards']} shards ({s['shards_skipped']} already done) in "
-                f"{s['wall_time_s']:.1f}s ({s['images_per_s']:.2f} images/s); {s['errors']} errors ({errors}) "
+                f"{run['wall_time_s']:.1f}s ({run['images_per_s']:.2f} images/s); {s['errors']} errors ({errors}) "
                 f"-> {s['output']}")
 
 
@@ -171,12 +171,15 @@ def _verbose_stats(ds) -> str:
 
 
 def summarize(layout: OutputLayout, dataset: CocoCaptions, num_shards: int, skipped: int,
-              processed_images: int, wall_time: float) -> dict[str, Any]:
-    """Totals over every committed shard (read back from the Parquet files) plus this run's speed."""
+              progress: _RunProgress, wall_time: float) -> dict[str, Any]:
+    """Totals over every committed shard (read back from the Parquet files), this run's speed, and
+    the speed of every earlier run that mined something (a no-op re-run keeps their figures)."""
     done = layout.completed_shards()  # listed once: each listing is a round trip on S3
     pairs = layout.read_table("pairs", shards=done, columns=["image_id", "noun"])
     errors = layout.read_table("errors", shards=done, columns=["image_id", "reason"])
     by_reason = Counter(reason_code(r) for r in errors.column("reason").to_pylist())
+    this_run = progress.speed(wall_time)
+    runs = previous_runs(layout) + ([this_run] if progress.processed else [])
     return {
         "output": layout.root,
         "images_in": len(dataset),
@@ -189,14 +192,26 @@ def summarize(layout: OutputLayout, dataset: CocoCaptions, num_shards: int, skip
         "unique_nouns": len(set(pairs.column("noun").to_pylist())),
         "errors": errors.num_rows,
         "errors_by_reason": dict(sorted(by_reason.items())),
-        "images_processed": processed_images,
-        "wall_time_s": round(wall_time, 3),
-        "images_per_s": round(processed_images / wall_time, 3) if wall_time > 0 else 0.0,
+        "this_run": this_run,
+        "runs": runs,
     }
+
+
+def previous_runs(layout: OutputLayout) -> list[dict[str, Any]]:
+    """The per-run speed records of an earlier summary.json (none if there is none)."""
+    uri = layout.path("summary.json")
+    if not storage.exists(uri):
+        return []
+    try:
+        runs = json.loads(storage.read_bytes(uri)).get("runs", [])
+    except (ValueError, AttributeError):
+        return []  # an unreadable old summary loses only its speed history: the totals are recounted
+    return [run for run in runs if isinstance(run, dict)]
 
 
 @dataclass
 class _RunProgress:
+    started: float = field(default_factory=time.perf_counter)
     written: list[int] = field(default_factory=list)
     processed: int = 0
     first_output: float | None = None  # perf_counter of the first batch out of the pipeline
@@ -208,6 +223,19 @@ class _RunProgress:
         if self.first_output is None or self.last_output <= self.first_output:
             return None
         return (self.processed - self.first_batch_rows) / (self.last_output - self.first_output)
+
+    def speed(self, wall_time: float) -> dict[str, Any]:
+        """This run's record: images mined, shards written, wall time and rates."""
+        record = {"images_processed": self.processed, "shards_written": len(self.written),
+                  "wall_time_s": round(wall_time, 3),
+                  "images_per_s": round(self.processed / wall_time, 3) if wall_time > 0 else 0.0,
+                  "startup_s": None, "steady_images_per_s": None}
+        if self.first_output is not None:
+            # Start-up (models loading in the actors) vs the rate once images flow: what a long run sees.
+            record["startup_s"] = round(self.first_output - self.started, 3)
+            steady = self.steady_rate()
+            record["steady_images_per_s"] = None if steady is None else round(steady, 3)
+        return record
 
 
 def _collect_and_write(ds, collector: ShardCollector, layout: OutputLayout, config: MiningConfig,
@@ -243,11 +271,22 @@ def _collect_and_write(ds, collector: ShardCollector, layout: OutputLayout, conf
         raise RuntimeError(f"the pipeline ended with shards {missing} incomplete; re-run to finish them")
 
 
+class MiningInterrupted(Exception):
+    """Ctrl-C during a run: what was committed, and that the same command resumes."""
+
+    def __init__(self, committed: int, total: int, this_run: int, output: str):
+        self.committed, self.total, self.this_run, self.output = committed, total, this_run, output
+        super().__init__(f"interrupted: {committed} of {total} shards are committed in {output} ({this_run} by "
+                         f"this run); re-run the same command to mine the other {total - committed}")
+
+
 def mine_pairs(config: MiningConfig) -> MiningResult:
     """Run (or resume) mining; Ray must already be initialised (see :func:`ovseg_ray.raycluster.init_ray`)."""
     from .nouns import load_nltk_resources
 
     start = time.perf_counter()
+    layout = OutputLayout(config.output)
+    layout.check_output()
     load_nltk_resources()  # a missing resource fails here, with the download command, not in a worker
     proposal_preset = load_model_config(config.proposals.preset)
     load_model_config(config.matching.preset)
@@ -257,30 +296,29 @@ def mine_pairs(config: MiningConfig) -> MiningResult:
     if len(dataset) == 0:
         raise ValueError(f"captions file {config.captions} lists no images")
     shards = dataset.shards(config.shard_size)
-    layout = OutputLayout(config.output)
-    layout.check_manifest(config.output_settings(threshold, dataset.fingerprint(), len(dataset)))
+    settings = config.output_settings(threshold, dataset.fingerprint(), len(dataset))
+    layout.check_manifest(settings)
     done = layout.completed_shards()
     todo = [shard for shard in shards if shard.index not in done]
     logger.info("%d images in %d shards; %d shards already done, %d to mine", len(dataset), len(shards),
                 len(shards) - len(todo), len(todo))
 
-    progress = _RunProgress()
+    progress = _RunProgress(started=start)
     stats = ""
+    pools = plan_pools(config) if todo else ()
+    layout.write_manifest(settings)  # only once the run can start: a refused run leaves no trace
     if todo:
-        pools = plan_pools(config)
         for pool in pools:
             logger.info("actor pool %s", pool.describe())
         ds = build_pipeline(config, todo, threshold, pools)
-        _collect_and_write(ds, ShardCollector(todo, config.provenance()), layout, config, progress)
+        try:
+            _collect_and_write(ds, ShardCollector(todo, config.provenance()), layout, config, progress)
+        except KeyboardInterrupt:
+            committed = len(layout.completed_shards())
+            raise MiningInterrupted(committed, len(shards), len(progress.written), layout.root) from None
         stats = "".join(f"actor pool {pool.describe()}\n" for pool in pools) + "\n" + _verbose_stats(ds)
         storage.write_text(layout.path("ray_data_stats.txt"), stats)
 
-    summary = summarize(layout, dataset, len(shards), len(shards) - len(todo), progress.processed,
-                        time.perf_counter() - start)
-    if progress.first_output is not None:
-        # Start-up (models loading in the actors) vs the rate once images flow: what a long run sees.
-        summary["startup_s"] = round(progress.first_output - start, 3)
-        steady = progress.steady_rate()
-        summary["steady_images_per_s"] = None if steady is None else round(steady, 3)
+    summary = summarize(layout, dataset, len(shards), len(shards) - len(todo), progress, time.perf_counter() - start)
     storage.write_text(layout.path("summary.json"), json.dumps(summary, indent=2))
     return MiningResult(summary=summary, stats=stats, shards_written=progress.written)

@@ -55,6 +55,11 @@ MATCHING_FAILED = "matching model failed"
 BELOW_MIN_SCORE = "no pair above min score"
 
 
+def one_line(exc: BaseException) -> str:
+    """``Type: message`` on one line (botocore's messages span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 def reason_code(reason: str) -> str:
     return reason.split(":", 1)[0]
 
@@ -90,8 +95,8 @@ def prepare_images(batch: pa.Table, compounds: bool, extra_blocklist: list[str],
                 error = ("load", f"{IMAGE_TOO_LARGE}: {exc} (max_image_pixels)")
             except ImageDecodeError as exc:
                 error = ("load", f"{CORRUPT_IMAGE}: {exc}")
-            except OSError as exc:  # permissions, a directory, the store failing after its retries
-                error = ("load", f"{UNREADABLE_IMAGE}: {row['image_uri']}: {type(exc).__name__}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - permissions, a directory, an unreachable or refusing store
+                error = ("load", f"{UNREADABLE_IMAGE}: {row['image_uri']}: {one_line(exc)}")
         out["shard"].append(row["shard"])
         out["image_id"].append(row["image_id"])
         out["image_uri"].append(row["image_uri"])
