@@ -224,7 +224,7 @@ def test_two_actor_pools_visible_in_ray_data_stats(local_run):
     operators = re.findall(r"^Operator \d+ (\S+?): (\d+) tasks executed", stats, flags=re.M)
     names = [name for name, _ in operators]
     assert names == ["FromItems", "MapBatches(prepare_images)", "MapBatches(ProposalStage)",
-                     "MapBatches(MatchingStage)"]
+                     "MapBatches(MatchingStage)", "MapBatches(write_parts)"]
     assert stats.count("'num_alive_actors'") >= 2
     # The actors Ray started for the run: 2 in the proposal pool, 1 in the matching pool.
     assert result.new_actors.count("MapWorker(MapBatches(ProposalStage))") == 2
@@ -381,7 +381,9 @@ def test_mine_preview_contact_sheet(local_run, tmp_path):
 def test_resuming_into_an_output_of_other_settings_is_refused(tmp_path):
     layout = OutputLayout(str(tmp_path / "mined"))
     settings = {"captions_per_image": 1, "nouns": {"compounds": True, "extra_blocklist": []}}
-    layout.check_manifest(settings)
+    layout.write_manifest(settings)
+    (tmp_path / "mined" / "shards").mkdir()
+    (tmp_path / "mined" / "shards" / "shard-00000.json").write_text("{}")  # one committed shard
     layout.check_manifest(settings)  # same settings: resumes
     changed = {**settings, "nouns": {"compounds": False, "extra_blocklist": []}}
     with pytest.raises(ConfigError, match=r"other settings \(nouns.compounds: True -> False\)"):

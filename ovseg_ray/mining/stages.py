@@ -3,21 +3,19 @@
 ``prepare_images`` (tasks: caption nouns, image decoding), :class:`ProposalStage` (actor pool 1:
 MaskFormer proposals as RLE masks at the image size) and :class:`MatchingStage` (actor pool 2:
 each noun to its best proposal with the masked CLIP) map pyarrow batches with fixed schemas, so
-empty lists keep their types; :class:`ShardCollector` regroups the rows per output shard. Every
-image leaves as exactly one row, with its pairs or its error.
+empty lists keep their types. Every image leaves as exactly one row, with its pairs or its error;
+``shards`` writes those rows to the output.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
 
 from ..config import ConfigError
-from ..data.coco import Shard
-from ..data.pairs import ERROR_SCHEMA, PAIR_SCHEMA, decode_mask, encode_mask
+from ..data.pairs import decode_mask, encode_mask
 from ..device import is_device_failure
 
 logger = logging.getLogger(__name__)
@@ -70,16 +68,19 @@ def _image_from_row(row: dict) -> np.ndarray:
 
 def prepare_images(batch: pa.Table, compounds: bool, extra_blocklist: list[str], max_image_pixels: int) -> pa.Table:
     """Ray Data task: nouns of each image's captions, then the decoded image (or the error)."""
-    from ..data.images import ImageDecodeError, ImageTooLargeError, load_image
+    from ..data.images import ImageDecodeError, ImageTooLargeError, decode_image, load_image
     from .nouns import get_extractor
 
     extractor = get_extractor(compounds, extra_blocklist)
     out = {name: [] for name in PREPARED_SCHEMA.names}
+    names = set(batch.column_names)
     for row in batch.to_pylist():
         nouns, noun_captions, image, error = [], [], None, None
         captions = [c for c in row["captions"] if c]
-        if not captions:
-            error = ("nouns", f"{NO_CAPTION}: the image has no caption in the captions file")
+        if row.get("input_error"):
+            error = ("load", row["input_error"])
+        elif not captions:
+            error = ("nouns", f"{NO_CAPTION}: the image has no caption in the input")
         else:
             found = extractor.image_nouns(captions)
             nouns = [n.noun for n in found]
@@ -88,7 +89,11 @@ def prepare_images(batch: pa.Table, compounds: bool, extra_blocklist: list[str],
                 error = ("nouns", f"{NO_NOUNS}: no visual noun in {' | '.join(captions)!r}")
         if error is None:
             try:
-                image = load_image(row["image_uri"], max_pixels=max_image_pixels)
+                data = row["image_bytes"] if "image_bytes" in names else None
+                if data:  # the input held the image: decode it where it is
+                    image = decode_image(data, source=row["image_uri"], max_pixels=max_image_pixels)
+                else:
+                    image = load_image(row["image_uri"], max_pixels=max_image_pixels)
             except FileNotFoundError as exc:
                 error = ("load", f"{MISSING_IMAGE}: {exc}")
             except ImageTooLargeError as exc:  # refused from the header, before decoding
@@ -223,39 +228,3 @@ class MatchingStage:
             for name, values in pairs.items():
                 out[name].append(values)
         return pa.table(out, schema=MATCHED_SCHEMA)
-
-
-
-class ShardCollector:
-    """Driver side: gathers pipeline rows per shard and reports a shard once all its images arrived."""
-
-    def __init__(self, shards: Iterable[Shard], provenance: dict[str, str]):
-        self.shards = {shard.index: shard for shard in shards}
-        self.remaining = {index: len(shard.images) for index, shard in self.shards.items()}
-        self.provenance = provenance
-        self._pairs: dict[int, list[dict]] = {index: [] for index in self.shards}
-        self._errors: dict[int, list[dict]] = {index: [] for index in self.shards}
-
-    def add(self, row: dict) -> Shard | None:
-        index = row["shard"]
-        if self.remaining.get(index, 0) <= 0:
-            raise RuntimeError(f"image {row['image_id']} arrived for shard {index}, which is already complete")
-        if row["error_stage"]:
-            self._errors[index].append({"image_id": row["image_id"], "image_uri": row["image_uri"],
-                                        "stage": row["error_stage"], "reason": row["error_reason"]})
-        for k, noun in enumerate(row["pair_noun"]):
-            self._pairs[index].append({
-                "image_id": row["image_id"], "image_uri": row["image_uri"],
-                "caption": row["captions"][row["pair_caption"][k]], "noun": noun,
-                "rle_counts": row["pair_rle"][k], "rle_size": [row["height"], row["width"]],
-                "bbox": row["pair_bbox"][k], "score": row["pair_score"][k],
-                "proposal_index": row["pair_proposal"][k], **self.provenance,
-            })
-        self.remaining[index] -= 1
-        return self.shards[index] if self.remaining[index] == 0 else None
-
-    def pop(self, shard: Shard) -> tuple[pa.Table, pa.Table]:
-        """The shard's pairs and errors tables, rows ordered by image id (stable)."""
-        pairs = sorted(self._pairs.pop(shard.index), key=lambda r: r["image_id"])
-        errors = sorted(self._errors.pop(shard.index), key=lambda r: r["image_id"])
-        return pa.Table.from_pylist(pairs, schema=PAIR_SCHEMA), pa.Table.from_pylist(errors, schema=ERROR_SCHEMA)
