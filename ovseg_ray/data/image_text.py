@@ -161,3 +161,62 @@ def _read_parquet_cell(container: str, column: str, key_column: str, key: str) -
         if str(found) == key:
             return value
     raise FileNotFoundError(f"file not found: no row with {key_column}={key} in {container}")
+
+
+def _coco_records(images: str, captions: str) -> list[tuple[int, str, list[str]]]:
+    """(image id, image URI, captions in annotation order) of a COCO captions dataset, by id."""
+    import json
+
+    data = json.loads(storage.read_bytes(captions))
+    texts: dict[int, list[str]] = {}
+    for ann in sorted(data["annotations"], key=lambda a: a["id"]):
+        texts.setdefault(int(ann["image_id"]), []).append(str(ann.get("caption", "")))
+    return [(int(im["id"]), storage.join(images, im["file_name"]), texts.get(int(im["id"]), []))
+            for im in sorted(data["images"], key=lambda im: im["id"])]
+
+
+def coco_to_webdataset(images: str, captions: str, out: str, images_per_file: int,
+                       caption_member: str = "json") -> list[str]:
+    """Write a COCO captions dataset as WebDataset tars (``{id:012d}.jpg`` + ``.json`` with the
+    captions, or ``.txt`` with the first one); returns the tar URIs."""
+    import io
+    import json
+
+    records = _coco_records(images, captions)
+    written = []
+    for number, start in enumerate(range(0, len(records), images_per_file)):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as archive:
+            for image_id, uri, texts in records[start:start + images_per_file]:
+                text = json.dumps({"caption": texts}) if caption_member == "json" else (texts or [""])[0]
+                for suffix, data in (("jpg", storage.read_bytes(uri)), (caption_member, text.encode())):
+                    info = tarfile.TarInfo(f"{image_id:012d}.{suffix}")
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+        written.append(storage.join(out, f"{number:05d}.tar"))
+        storage.write_bytes(written[-1], buffer.getvalue())
+    return written
+
+
+def coco_to_parquet(images: str, captions: str, out: str, images_per_file: int, image_bytes: bool) -> list[str]:
+    """Write a COCO captions dataset as Parquet tables with columns ``key`` (``{id:012d}``), ``image``
+    (the bytes, or the image's URI) and ``caption`` (the list of captions); returns the file URIs."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = _coco_records(images, captions)
+    written = []
+    for number, start in enumerate(range(0, len(records), images_per_file)):
+        chunk = records[start:start + images_per_file]
+        table = pa.table({
+            "key": [f"{image_id:012d}" for image_id, _, _ in chunk],
+            "image": [storage.read_bytes(uri) if image_bytes else uri for _, uri, _ in chunk],
+            "caption": [texts for _, _, texts in chunk],
+        })
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        written.append(storage.join(out, f"part-{number:05d}.parquet"))
+        storage.write_bytes(written[-1], buffer.getvalue())
+    return written
