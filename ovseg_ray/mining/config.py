@@ -40,6 +40,21 @@ class InputColumns(StrictModel):
                                                     "preference")
 
 
+class PairFilters(StrictModel):
+    """Optional filters on the quality signals of every pair (see ``ovseg_ray.mining.quality``)."""
+
+    min_area_fraction: float | None = Field(None, ge=0, le=1, description="drop pairs whose mask covers less of "
+                                                                         "the image")
+    max_area_fraction: float | None = Field(None, ge=0, le=1, description="drop pairs whose mask covers more")
+    min_score_margin: float | None = Field(None, ge=0, le=2, description="drop pairs whose score beats the noun's "
+                                                                        "second-best proposal by less")
+    min_objectness: float | None = Field(None, ge=0, le=1, description="drop pairs whose proposal's MaskFormer "
+                                                                      "objectness is lower")
+    max_caption_index: int | None = Field(None, ge=0, description="drop nouns of later captions")
+    duplicates: Literal["flag", "drop"] = Field("flag", description="a head noun matched to the same mask as its "
+                                                                    "compound: flag it (duplicate_of) or drop it")
+
+
 class MiningConfig(StrictModel):
     format: Literal["coco", "parquet", "webdataset"] = Field(
         "coco", description="coco (images folder + captions JSON), parquet (image-text tables) or webdataset "
@@ -65,6 +80,7 @@ class MiningConfig(StrictModel):
                                                                 "the header, before decoding)")
     seed: int = Field(0, description="seed of the random weights when a preset has no weights")
     nouns: NounConfig = NounConfig()
+    filters: PairFilters = PairFilters()
     load_num_cpus: float = Field(0.25, gt=0, description="CPUs per image loading / noun extraction task")
     load_memory_mb: int = Field(256, ge=0, description="memory reserved per loading task (decoded images)")
     proposals: StageConfig = StageConfig()
@@ -107,7 +123,7 @@ class MiningConfig(StrictModel):
             "dataset_fingerprint": dataset_fingerprint, "mask_threshold": threshold,
             "min_mask_pixels": self.min_mask_pixels, "min_score": self.min_score,
             "max_image_pixels": self.max_image_pixels, "seed": self.seed,
-            "nouns": self.nouns.model_dump(), **self.provenance(),
+            "nouns": self.nouns.model_dump(), "filters": self.filters.model_dump(), **self.provenance(),
         }
 
     def provenance(self) -> dict[str, str]:

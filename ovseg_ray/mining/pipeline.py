@@ -158,7 +158,7 @@ def build_pipeline(config: MiningConfig, plan: InputPlan, todo: list[ShardPlan],
     )
     stages = (
         (ProposalStage, config.proposals, {"threshold": threshold, "min_pixels": config.min_mask_pixels}),
-        (MatchingStage, config.matching, {"min_score": config.min_score}),
+        (MatchingStage, config.matching, {"min_score": config.min_score, "filters": config.filters.model_dump()}),
     )
     for (stage_cls, stage, extra), pool in zip(stages, pools):
         kwargs = {"preset": stage.preset, "weights": stage.weights, "seed": config.seed,

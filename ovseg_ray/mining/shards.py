@@ -52,6 +52,9 @@ def shard_tables(rows: pa.Table, provenance: dict[str, str]) -> tuple[pa.Table, 
                 "rle_counts": row["pair_rle"][k], "rle_size": [row["height"], row["width"]],
                 "bbox": row["pair_bbox"][k], "score": row["pair_score"][k],
                 "proposal_index": row["pair_proposal"][k], **provenance,
+                "area_fraction": row["pair_area"][k], "score_margin": row["pair_margin"][k],
+                "objectness": row["pair_objectness"][k], "caption_index": row["pair_caption"][k],
+                "duplicate_of": row["pair_duplicate_of"][k],
             })
     return pa.Table.from_pylist(pairs, schema=PAIR_SCHEMA), pa.Table.from_pylist(errors, schema=ERROR_SCHEMA)
 

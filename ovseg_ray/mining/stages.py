@@ -30,7 +30,8 @@ PREPARED_SCHEMA = pa.schema([
     *ERROR_FIELDS,
 ])
 PROPOSAL_FIELDS = [("proposal_index", pa.list_(pa.int32())), ("proposal_rle", pa.list_(pa.string())),
-                   ("proposal_bbox", pa.list_(pa.list_(pa.float32(), 4)))]
+                   ("proposal_bbox", pa.list_(pa.list_(pa.float32(), 4))),
+                   ("proposal_objectness", pa.list_(pa.float32()))]
 MATCHED_SCHEMA = pa.schema([
     ("shard", pa.int64()), ("image_id", pa.int64()), ("image_uri", pa.string()),
     ("captions", pa.list_(pa.string())), ("height", pa.int32()), ("width", pa.int32()),
@@ -38,6 +39,8 @@ MATCHED_SCHEMA = pa.schema([
     ("pair_noun", pa.list_(pa.string())), ("pair_caption", pa.list_(pa.int32())),
     ("pair_score", pa.list_(pa.float32())), ("pair_proposal", pa.list_(pa.int32())),
     ("pair_rle", pa.list_(pa.string())), ("pair_bbox", pa.list_(pa.list_(pa.float32(), 4))),
+    ("pair_area", pa.list_(pa.float32())), ("pair_margin", pa.list_(pa.float32())),
+    ("pair_objectness", pa.list_(pa.float32())), ("pair_duplicate_of", pa.list_(pa.string())),
 ])
 
 # Reason codes: the text before ':' in ERROR_SCHEMA.reason, the keys of summary's errors_by_reason.
@@ -51,6 +54,7 @@ NO_PROPOSAL = "no valid proposal"
 PROPOSAL_FAILED = "proposal model failed"
 MATCHING_FAILED = "matching model failed"
 BELOW_MIN_SCORE = "no pair above min score"
+FILTERED_OUT = "no pair passes the filters"
 
 
 def one_line(exc: BaseException) -> str:
@@ -146,14 +150,14 @@ class ProposalStage:
         self.stage = ProposalMasks(_build_segmenter(preset, weights, seed, device, threads), threshold, min_pixels)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        indices, rles, boxes = [], [], []
+        indices, rles, boxes, objectness = [], [], [], []
         error_stage = batch.column("error_stage").to_pylist()
         error_reason = batch.column("error_reason").to_pylist()
         for i, row in enumerate(batch.to_pylist()):
-            kept, counts, bboxes = [], [], []
+            kept, counts, bboxes, scores = [], [], [], []
             if not row["error_stage"]:
                 try:
-                    proposals = self.stage(_image_from_row(row))
+                    proposals = self.stage(_image_from_row(row), list(row["nouns"]))
                 except Exception as exc:  # one bad image must not stop the run; it is recorded
                     if is_device_failure(exc):
                         raise  # the GPU's fault, not the image's: fail, a re-run resumes the shard
@@ -165,17 +169,18 @@ class ProposalStage:
                         error_reason[i] = (f"{NO_PROPOSAL}: no proposal mask has >= {self.stage.min_pixels} "
                                            f"pixels at threshold {self.stage.threshold}")
                     else:
-                        kept = proposals.indices
+                        kept, scores = proposals.indices, proposals.objectness
                         encoded = [encode_mask(mask) for mask in proposals.masks.numpy()]
                         counts, bboxes = [e[0] for e in encoded], [e[2] for e in encoded]
             indices.append(kept)
             rles.append(counts)
             boxes.append(bboxes)
+            objectness.append(scores)
         batch = batch.set_column(batch.schema.get_field_index("error_stage"), "error_stage",
                                  pa.array(error_stage, pa.string()))
         batch = batch.set_column(batch.schema.get_field_index("error_reason"), "error_reason",
                                  pa.array(error_reason, pa.string()))
-        for (name, kind), values in zip(PROPOSAL_FIELDS, (indices, rles, boxes)):
+        for (name, kind), values in zip(PROPOSAL_FIELDS, (indices, rles, boxes, objectness)):
             batch = batch.append_column(pa.field(name, kind), pa.array(values, kind))
         return batch
 
@@ -184,18 +189,18 @@ class MatchingStage:
     """Ray Data actor (pool 2): masked-CLIP region and noun embeddings -> best mask per noun."""
 
     def __init__(self, preset: str, weights: str | None, seed: int, device: str, threads: int,
-                 min_score: float | None):
+                 min_score: float | None, filters: dict | None = None):
         from .matching import NounMatcher
 
         self.matcher = NounMatcher(_build_segmenter(preset, weights, seed, device, threads), min_score)
+        self.filters = filters or {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
         out = {name: [] for name in MATCHED_SCHEMA.names}
         for row in batch.to_pylist():
-            pairs = {"pair_noun": [], "pair_caption": [], "pair_score": [], "pair_proposal": [],
-                     "pair_rle": [], "pair_bbox": []}
+            pairs = {name: [] for name in MATCHED_SCHEMA.names if name.startswith("pair_")}
             stage, reason = row["error_stage"], row["error_reason"]
             if not stage:
                 size = (row["height"], row["width"])
@@ -210,17 +215,25 @@ class MatchingStage:
                     logger.exception("matching failed for image %s", row["image_id"])
                     stage, reason = "matching", f"{MATCHING_FAILED}: {type(exc).__name__}: {exc}"
                 else:
-                    for match in matches:
+                    kept = self._quality(row, masks, matches)
+                    for match, signals in kept:
                         pairs["pair_noun"].append(row["nouns"][match.noun_index])
-                        pairs["pair_caption"].append(row["noun_captions"][match.noun_index])
+                        pairs["pair_caption"].append(signals.caption_index)
                         pairs["pair_score"].append(match.score)
                         pairs["pair_proposal"].append(row["proposal_index"][match.proposal])
                         pairs["pair_rle"].append(row["proposal_rle"][match.proposal])
                         pairs["pair_bbox"].append(row["proposal_bbox"][match.proposal])
+                        pairs["pair_area"].append(signals.area_fraction)
+                        pairs["pair_margin"].append(signals.score_margin)
+                        pairs["pair_objectness"].append(signals.objectness)
+                        pairs["pair_duplicate_of"].append(signals.duplicate_of)
                     if not matches:
                         stage = "matching"
                         reason = (f"{BELOW_MIN_SCORE}: best score of {len(row['nouns'])} nouns is below "
                                   f"min_score={self.matcher.min_score}")
+                    elif not kept:
+                        stage = "matching"
+                        reason = f"{FILTERED_OUT}: {len(matches)} pairs, none passes {self._active_filters()}"
             for name in ("shard", "image_id", "image_uri", "captions", "height", "width"):
                 out[name].append(row[name])
             out["error_stage"].append(stage)
@@ -228,3 +241,20 @@ class MatchingStage:
             for name, values in pairs.items():
                 out[name].append(values)
         return pa.table(out, schema=MATCHED_SCHEMA)
+
+    def _quality(self, row: dict, masks, matches) -> list:
+        """(match, signals) of the pairs that pass the filters, duplicates flagged (see ``quality``)."""
+        from .quality import PairSignals, duplicates_of, keep
+
+        areas = (masks.flatten(1).sum(dim=1).double() / float(row["height"] * row["width"])).tolist()
+        nouns = [row["nouns"][m.noun_index] for m in matches]
+        duplicates = duplicates_of(nouns, [m.proposal for m in matches])
+        signals = [PairSignals(m.noun_index, m.proposal, m.score, areas[m.proposal], m.margin,
+                               row["proposal_objectness"][m.proposal], row["noun_captions"][m.noun_index], dup)
+                   for m, dup in zip(matches, duplicates)]
+        return [(m, s) for m, s in zip(matches, signals) if keep(s, self.filters)]
+
+    def _active_filters(self) -> str:
+        active = {k: v for k, v in self.filters.items() if v is not None and (k != "duplicates" or v == "drop")}
+        return ", ".join(f"{k}={v}" for k, v in sorted(active.items())) or "the filters"
+
