@@ -19,6 +19,35 @@ class StageConfig(ActorPoolConfig):
                                                   "none = the preset's random weights")
     num_cpus: float = Field(0.5, ge=0, description="CPUs per actor (fractions allowed); torch threads = "
                                                    "max(1, int(num_cpus))")
+    initial_actors: int | None = Field(None, ge=1, description="actors started with the pool (Ray Data's "
+                                                               "initial_size; default min_actors)")
+    max_tasks_in_flight_per_actor: int | None = Field(
+        None, ge=1, description="batches queued per actor (Ray Data's default 2 x its concurrency); more keeps "
+                                "the pool's utilisation high, which is what makes it grow")
+
+    @model_validator(mode="after")
+    def _initial_in_range(self) -> StageConfig:
+        if self.initial_actors is not None and not self.min_actors <= self.initial_actors <= self.max_actors:
+            raise ValueError(f"initial_actors ({self.initial_actors}) must be within min_actors..max_actors "
+                             f"({self.min_actors}..{self.max_actors})")
+        return self
+
+
+class PoolAutoscaling(StrictModel):
+    """Ray Data's actor-pool autoscaling thresholds for this run (``DataContext.autoscaling_config``);
+    unset fields keep Ray Data's defaults (grow above 1.75, shrink below 0.5 utilisation)."""
+
+    upscaling_threshold: float | None = Field(None, gt=0, description="grow a pool when its utilisation (queued "
+                                                                      "batches per actor slot) reaches this")
+    downscaling_threshold: float | None = Field(None, ge=0, description="shrink a pool when its utilisation "
+                                                                        "falls to this")
+    max_upscaling_delta: int | None = Field(None, ge=1, description="actors added to a pool at once, at most")
+
+    def ray_data_settings(self) -> dict[str, float | int]:
+        names = {"upscaling_threshold": "actor_pool_util_upscaling_threshold",
+                 "downscaling_threshold": "actor_pool_util_downscaling_threshold",
+                 "max_upscaling_delta": "actor_pool_max_upscaling_delta"}
+        return {names[key]: value for key, value in self.model_dump().items() if value is not None}
 
 
 class NounConfig(StrictModel):
@@ -85,6 +114,7 @@ class MiningConfig(StrictModel):
     load_memory_mb: int = Field(256, ge=0, description="memory reserved per loading task (decoded images)")
     proposals: StageConfig = StageConfig()
     matching: StageConfig = StageConfig()
+    autoscaling: PoolAutoscaling = PoolAutoscaling()
     fail_after_shards: int | None = Field(None, ge=1, description="testing: crash after committing this many shards")
 
     @model_validator(mode="after")

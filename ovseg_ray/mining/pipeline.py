@@ -72,6 +72,16 @@ class PoolPlan:
     num_cpus: float
     num_gpus: float
     batch_size: int
+    initial_actors: int | None = None
+    max_tasks_in_flight_per_actor: int | None = None
+
+    def strategy(self):
+        """Ray Data's ``ActorPoolStrategy`` of the pool."""
+        import ray.data
+
+        return ray.data.ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors,
+                                          initial_size=self.initial_actors,
+                                          max_tasks_in_flight_per_actor=self.max_tasks_in_flight_per_actor)
 
     def describe(self) -> str:
         return (f"{self.name}: {self.min_actors}-{self.max_actors} actors, {self.num_cpus:g} CPU + "
@@ -88,7 +98,7 @@ def plan_pools(config: MiningConfig) -> tuple[PoolPlan, PoolPlan]:
 
     pools = tuple(
         PoolPlan(name, stage.min_actors, stage.max_actors, stage.num_cpus, resolve_num_gpus(stage.num_gpus),
-                 stage.batch_size)
+                 stage.batch_size, stage.initial_actors, stage.max_tasks_in_flight_per_actor)
         for name, stage in (("ProposalStage", config.proposals), ("MatchingStage", config.matching))
     )
     need_cpus = sum(p.min_actors * p.num_cpus for p in pools) + config.load_num_cpus
@@ -145,6 +155,9 @@ def build_pipeline(config: MiningConfig, plan: InputPlan, todo: list[ShardPlan],
     """The lazy Ray Data dataset of the shards' images, one small count row per part file written."""
     import ray.data
 
+    context = ray.data.DataContext.get_current()
+    for name, value in config.autoscaling.ray_data_settings().items():
+        setattr(context.autoscaling_config, name, value)
     batch_size = min(config.proposals.batch_size, config.matching.batch_size)
     ds = read_items(config, plan, todo, batch_size)
     # The memory reservation also keeps Ray Data from fusing loading into the proposal actors (it
@@ -165,7 +178,7 @@ def build_pipeline(config: MiningConfig, plan: InputPlan, todo: list[ShardPlan],
                   "device": "cuda" if pool.num_gpus > 0 else "cpu", "threads": int(pool.num_cpus), **extra}
         ds = ds.map_batches(
             stage_cls, batch_size=pool.batch_size, batch_format="pyarrow", fn_constructor_kwargs=kwargs,
-            compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+            compute=pool.strategy(),
             num_gpus=pool.num_gpus, num_cpus=pool.num_cpus,
         )
     return ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow", num_cpus=WRITE_NUM_CPUS,

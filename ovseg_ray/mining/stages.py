@@ -130,6 +130,30 @@ def load_model_config(preset: str):
         raise ConfigError(str(exc)) from None
 
 
+def node_local_weights(uri: str | None) -> str | None:
+    """A remote checkpoint copied once per node: the first actor on a node downloads it (under a file
+    lock) into ``$OVSEG_RAY_CACHE/weights``, every later actor there reads the local copy."""
+    import fcntl
+    import hashlib
+    import os
+
+    from ..data import storage
+    from .wordnet import cache_root
+
+    if not uri or not storage.is_remote(uri):
+        return uri
+    folder = cache_root() / "weights" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    local = folder / uri.rstrip("/").rsplit("/", 1)[-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not local.exists():
+            partial = local.with_name(local.name + f".part-{os.getpid()}")
+            partial.write_bytes(storage.read_bytes(uri))
+            os.replace(partial, local)
+    return str(local)
+
+
 def _build_segmenter(preset: str, weights: str | None, seed: int, device: str, threads: int):
     import torch
 
@@ -137,7 +161,8 @@ def _build_segmenter(preset: str, weights: str | None, seed: int, device: str, t
     from ..models.ovseg import build_model
 
     torch.set_num_threads(max(1, threads))
-    return Segmenter(build_model(load_model_config(preset), weights=weights, device=device, seed=seed))
+    model = build_model(load_model_config(preset), weights=node_local_weights(weights), device=device, seed=seed)
+    return Segmenter(model)
 
 
 class ProposalStage:
