@@ -38,6 +38,12 @@ def check_model_preset(value: str) -> str:
 ModelPreset = Annotated[str, AfterValidator(check_model_preset)]
 
 
+#: Autocast of the networks at inference (resolved by ``ovseg_ray.device.autocast_dtype``).
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISION_HELP = ("autocast of the networks: auto = bf16 on a GPU that supports it, fp32 on CPU (logits, "
+                  "ensemble and fusion always fp32)")
+
+
 class StrictModel(BaseModel):
     """Base for every config: unknown fields are errors, assignments are validated."""
 
@@ -54,9 +60,7 @@ class ModelConfig(StrictModel):
     device: str = Field("auto", description="auto (the GPU Ray gave the actor/replica, else CPU), cpu, cuda "
                                             "or cuda:N")
     seed: int = Field(0, description="seed of the random initialisation (presets without weights)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="autocast of the networks: auto = bf16 on a GPU that supports it, fp32 on CPU "
-                            "(logits, ensemble and fusion always fp32)")
+    precision: Precision = Field("auto", description=PRECISION_HELP)
     max_regions_per_forward: int = Field(512, gt=0, description="most regions in one masked-CLIP forward")
     skip_min_area: int = Field(0, ge=0, description="proposals whose binary mask has fewer pixels (processing "
                                "size) get no CLIP region, like empty ones; 0 = off")

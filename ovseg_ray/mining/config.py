@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field
 
-from ..config import ActorPoolConfig, ModelPreset, StrictModel
+from ..config import PRECISION_HELP, ActorPoolConfig, ModelPreset, Precision, StrictModel
 
 
 class StageConfig(ActorPoolConfig):
@@ -16,6 +16,7 @@ class StageConfig(ActorPoolConfig):
                                             "config .json (path or s3://)")
     weights: str | None = Field(None, description="checkpoint path or s3:// URI (our layout); "
                                                   "none = the preset's random weights")
+    precision: Precision = Field("auto", description=PRECISION_HELP)
     num_cpus: float = Field(0.5, ge=0, description="CPUs per actor (fractions allowed); torch threads = "
                                                    "max(1, int(num_cpus))")
 

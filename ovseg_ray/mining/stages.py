@@ -116,24 +116,26 @@ def load_model_config(preset: str):
         raise ConfigError(str(exc)) from None
 
 
-def _build_segmenter(preset: str, weights: str | None, seed: int, device: str, threads: int):
+def _build_segmenter(preset: str, weights: str | None, seed: int, device: str, threads: int, precision: str):
     import torch
 
     from ..inference import Segmenter
     from ..models.ovseg import build_model
 
     torch.set_num_threads(max(1, threads))
-    return Segmenter(build_model(load_model_config(preset), weights=weights, device=device, seed=seed))
+    return Segmenter(build_model(load_model_config(preset), weights=weights, device=device, seed=seed),
+                     precision=precision)
 
 
 class ProposalStage:
     """Ray Data actor (pool 1): MaskFormer proposals -> COCO RLE masks at the image size."""
 
     def __init__(self, preset: str, weights: str | None, seed: int, device: str, threads: int,
-                 threshold: float, min_pixels: int):
+                 threshold: float, min_pixels: int, precision: str = "auto"):
         from .matching import ProposalMasks
 
-        self.stage = ProposalMasks(_build_segmenter(preset, weights, seed, device, threads), threshold, min_pixels)
+        self.stage = ProposalMasks(_build_segmenter(preset, weights, seed, device, threads, precision), threshold,
+                                   min_pixels)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         indices, rles, boxes = [], [], []
@@ -174,10 +176,10 @@ class MatchingStage:
     """Ray Data actor (pool 2): masked-CLIP region and noun embeddings -> best mask per noun."""
 
     def __init__(self, preset: str, weights: str | None, seed: int, device: str, threads: int,
-                 min_score: float | None):
+                 min_score: float | None, precision: str = "auto"):
         from .matching import NounMatcher
 
-        self.matcher = NounMatcher(_build_segmenter(preset, weights, seed, device, threads), min_score)
+        self.matcher = NounMatcher(_build_segmenter(preset, weights, seed, device, threads, precision), min_score)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
