@@ -191,3 +191,43 @@ def test_skipped_proposals_get_no_region(tiny_model, fp32, singles):
     assert np.array_equal(none_left.labels, fp32.fuse(p_mf, p_clip[:0], no_region, props.mask_logits,
                                                       image.shape[:2], lam))
     assert not np.array_equal(none_left.labels, result.labels)
+
+
+class RefusingSegmenter(Segmenter):
+    """The real segmenter, except that it cannot take images 77 pixels wide (an input it fails on)."""
+
+    def segment_many(self, images, *args, **kwargs):
+        if any(image.shape[1] == 77 for image in images):
+            raise ValueError("cannot take an image 77 pixels wide")
+        return super().segment_many(images, *args, **kwargs)
+
+
+def test_segment_batch_task_batches_and_isolates_a_bad_image(tiny_model, tmp_path):
+    import io
+    import json
+
+    from PIL import Image
+
+    from ovseg_ray.evaluation.batch_segment import SegmentTask
+
+    def png(image: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    good, bad = IMAGES[0], scene(60, 77, 5)
+    rows = [{"image_uri": f"in/{name}.png", "stem": name, "image_uri_bytes": data, "image_uri_error": error}
+            for name, data, error in [("a", png(good), ""), ("b", png(bad), ""), ("c", b"not an image", ""),
+                                      ("d", None, "file not found"), ("e", png(IMAGES[1]), "")]]
+    segmenter = RefusingSegmenter(tiny_model, precision="fp32")
+    task = SegmentTask(str(tmp_path), CLASSES, lam=None, mask_threshold=None)
+    out = task.process_batch(segmenter, rows)
+    assert [(r["stem"], r["status"]) for r in out] == [("a", "segmented"), ("b", "error"), ("c", "error"),
+                                                       ("d", "error"), ("e", "segmented")]
+    assert "77 pixels wide" in out[1]["reason"] and out[3]["reason"] == "file not found"
+    for stem, image in (("a", good), ("e", IMAGES[1])):
+        written = json.loads((tmp_path / f"{stem}.json").read_text())
+        expected = Segmenter(tiny_model, precision="fp32").segment(image, CLASSES)
+        assert written["classes"] == expected.classes and written["height"] == image.shape[0]
+        assert written["pixel_fractions"] == expected.pixel_fractions()
+    assert not (tmp_path / "b.json").exists()
