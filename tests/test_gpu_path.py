@@ -196,7 +196,10 @@ def test_skipped_proposals_get_no_region(tiny_model, fp32, singles):
 class RefusingSegmenter(Segmenter):
     """The real segmenter, except that it cannot take images 77 pixels wide (an input it fails on)."""
 
+    batches: list[int] = []
+
     def segment_many(self, images, *args, **kwargs):
+        self.batches.append(len(images))
         if any(image.shape[1] == 77 for image in images):
             raise ValueError("cannot take an image 77 pixels wide")
         return super().segment_many(images, *args, **kwargs)
@@ -221,7 +224,9 @@ def test_segment_batch_task_batches_and_isolates_a_bad_image(tiny_model, tmp_pat
                                       ("d", None, "file not found"), ("e", png(IMAGES[1]), "")]]
     segmenter = RefusingSegmenter(tiny_model, precision="fp32")
     task = SegmentTask(str(tmp_path), CLASSES, lam=None, mask_threshold=None)
+    segmenter.batches = []
     out = task.process_batch(segmenter, rows)
+    assert segmenter.batches == [3, 1, 1, 1]  # the batch of readable images, then each alone after the failure
     assert [(r["stem"], r["status"]) for r in out] == [("a", "segmented"), ("b", "error"), ("c", "error"),
                                                        ("d", "error"), ("e", "segmented")]
     assert "77 pixels wide" in out[1]["reason"] and out[3]["reason"] == "file not found"

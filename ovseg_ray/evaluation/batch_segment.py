@@ -208,9 +208,11 @@ class SegmentTask:
     def _segment(self, images: list, segmenter):
         """The results of ``images``, or for an input the model cannot take, the reason (a string);
         a failure of the GPU is raised (a re-run picks the images up)."""
+        options = {"lam": self.lam, "mask_threshold": self.mask_threshold, "mode": self.mode}
         try:
-            return segmenter.segment_many(images, self.classes, lam=self.lam, mask_threshold=self.mask_threshold,
-                                          mode=self.mode)
+            if len(images) == 1:  # one image: Segmenter.segment (the same computation)
+                return [segmenter.segment(images[0], self.classes, **options)]
+            return segmenter.segment_many(images, self.classes, **options)
         except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. an image the model cannot take
             if is_device_failure(exc):
                 raise
