@@ -38,6 +38,12 @@ def check_model_preset(value: str) -> str:
 ModelPreset = Annotated[str, AfterValidator(check_model_preset)]
 
 
+#: Autocast of the networks at inference (resolved by ``ovseg_ray.device.autocast_dtype``).
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISION_HELP = ("autocast of the networks: auto = bf16 on a GPU that supports it, fp32 on CPU (logits, "
+                  "ensemble and fusion always fp32)")
+
+
 class StrictModel(BaseModel):
     """Base for every config: unknown fields are errors, assignments are validated."""
 
@@ -55,6 +61,18 @@ class ModelConfig(StrictModel):
     device: str = Field("auto", description="auto (the GPU Ray gave the actor/replica, else CPU), cpu, cuda "
                                             "or cuda:N")
     seed: int = Field(0, description="seed of the random initialisation (presets without weights)")
+    precision: Precision = Field("auto", description=PRECISION_HELP)
+    max_regions_per_forward: int = Field(512, gt=0, description="most regions in one masked-CLIP forward")
+    skip_min_area: int = Field(0, ge=0, description="proposals whose binary mask has fewer pixels (processing "
+                               "size) get no CLIP region, like empty ones; 0 = off")
+    skip_no_object_above: float | None = Field(
+        None, gt=0, le=1, description="proposals whose MaskFormer no-object probability is above this get no "
+                                      "CLIP region, like empty ones; none = off")
+
+    def segmenter_options(self) -> dict[str, Any]:
+        """The :class:`ovseg_ray.inference.Segmenter` keyword arguments these settings give."""
+        return {"precision": self.precision, "max_regions_per_forward": self.max_regions_per_forward,
+                "skip_min_area": self.skip_min_area, "skip_no_object_above": self.skip_no_object_above}
 
 
 class ActorPoolConfig(StrictModel):

@@ -162,7 +162,7 @@ def error_row(image_uri: str, stem: str, reason: str) -> dict:
 
 @dataclass
 class SegmentTask:
-    """Per image: decode, :meth:`Segmenter.segment`, write the ``segment`` outputs, emit the index row."""
+    """Per batch: decode, :meth:`Segmenter.segment_many`, write each image's ``segment`` outputs and index row."""
 
     out: str
     classes: list[str]
@@ -172,25 +172,50 @@ class SegmentTask:
     output_schema = RESULT_SCHEMA
 
     def process(self, segmenter, row: dict) -> list[dict]:
-        if row["image_uri_error"]:
-            return [error_row(row["image_uri"], row["stem"], row["image_uri_error"])]
+        return self.process_batch(segmenter, [row])
+
+    def process_batch(self, segmenter, rows: list[dict]) -> list[dict]:
+        """The index rows of a batch: its readable images segmented together (:meth:`Segmenter.segment_many`);
+        if that fails on an input, each image alone, so that only the bad one becomes an error row."""
+        out: list[list[dict]] = [[] for _ in rows]
+        ready = []  # (position, image) of the rows that decoded
+        for position, row in enumerate(rows):
+            if row["image_uri_error"]:
+                out[position] = [error_row(row["image_uri"], row["stem"], row["image_uri_error"])]
+                continue
+            try:
+                ready.append((position, decode_image(row["image_uri_bytes"], source=row["image_uri"])))
+            except ImageDecodeError as exc:
+                out[position] = [error_row(row["image_uri"], row["stem"], str(exc))]
+        results = self._segment([image for _, image in ready], segmenter) if len(ready) > 1 else None
+        for n, (position, image) in enumerate(ready):
+            row = rows[position]
+            result = results[n] if results else self._segment([image], segmenter)
+            if isinstance(result, list):
+                result = result[0]
+            if isinstance(result, str):
+                out[position] = [error_row(row["image_uri"], row["stem"], result)]
+                continue
+            try:
+                write_segmentation(self.out, row["stem"], image, result)
+            except OSError as exc:  # e.g. a full disk or a refused S3 write: record it, go on
+                out[position] = [error_row(row["image_uri"], row["stem"], f"cannot write outputs: {exc}")]
+                continue
+            out[position] = [result_row(row["image_uri"], row["stem"], self.out, result_summary(result), "segmented")]
+        return [item for items in out for item in items]
+
+    def _segment(self, images: list, segmenter):
+        """The results of ``images``, or for an input the model cannot take, the reason (a string);
+        a failure of the GPU is raised (a re-run picks the images up)."""
+        options = {"lam": self.lam, "mask_threshold": self.mask_threshold, "mode": self.mode}
         try:
-            image = decode_image(row["image_uri_bytes"], source=row["image_uri"])
-        except ImageDecodeError as exc:
-            return [error_row(row["image_uri"], row["stem"], str(exc))]
-        try:
-            result = segmenter.segment(image, self.classes, lam=self.lam, mask_threshold=self.mask_threshold,
-                                       mode=self.mode)
+            if len(images) == 1:  # one image: Segmenter.segment (the same computation)
+                return [segmenter.segment(images[0], self.classes, **options)]
+            return segmenter.segment_many(images, self.classes, **options)
         except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. an image the model cannot take
             if is_device_failure(exc):
-                raise  # the GPU's fault, not the image's: fail the run; a re-run picks it up
-            return [error_row(row["image_uri"], row["stem"], f"segmentation failed: {type(exc).__name__}: {exc}")]
-        try:
-            write_segmentation(self.out, row["stem"], image, result)
-        except OSError as exc:  # e.g. a full disk or a refused S3 write: record it, go on
-            return [error_row(row["image_uri"], row["stem"], f"cannot write outputs: {exc}")]
-        summary = result_summary(result)
-        return [result_row(row["image_uri"], row["stem"], self.out, summary, "segmented")]
+                raise
+            return None if len(images) > 1 else f"segmentation failed: {type(exc).__name__}: {exc}"
 
 
 def existing_rows(batch: pa.Table, out: str) -> pa.Table:
@@ -207,7 +232,7 @@ def existing_rows(batch: pa.Table, out: str) -> pa.Table:
 
 
 def _run_record(config: SegmentBatchConfig, classes: list[str]) -> dict:
-    return {"classes": classes, "model": config.model.model_dump(exclude={"device"}),
+    return {"classes": classes, "model": config.model.model_dump(exclude={"device", "max_regions_per_forward"}),
             "ensemble_lambda": config.ensemble_lambda, "mask_threshold": config.mask_threshold, "mode": config.mode}
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from ..config import ActorPoolConfig, ModelPreset, StrictModel
+from ..config import PRECISION_HELP, ActorPoolConfig, ModelPreset, Precision, StrictModel
 
 
 class StageConfig(ActorPoolConfig):
@@ -17,6 +17,7 @@ class StageConfig(ActorPoolConfig):
                                             "config .json (path or s3://)")
     weights: str | None = Field("default", description="checkpoint path or s3:// URI (our layout); default = "
                                 "the preset's shipped weights, none = seeded random weights")
+    precision: Precision = Field("auto", description=PRECISION_HELP)
     num_cpus: float = Field(0.5, ge=0, description="CPUs per actor (fractions allowed); torch threads = "
                                                    "max(1, int(num_cpus))")
     initial_actors: int | None = Field(None, ge=1, description="actors started with the pool (Ray Data's "

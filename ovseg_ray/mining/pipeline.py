@@ -174,7 +174,7 @@ def build_pipeline(config: MiningConfig, plan: InputPlan, todo: list[ShardPlan],
         (MatchingStage, config.matching, {"min_score": config.min_score, "filters": config.filters.model_dump()}),
     )
     for (stage_cls, stage, extra), pool in zip(stages, pools):
-        kwargs = {"preset": stage.preset, "weights": stage.weights, "seed": config.seed,
+        kwargs = {"preset": stage.preset, "weights": stage.weights, "seed": config.seed, "precision": stage.precision,
                   "device": "cuda" if pool.num_gpus > 0 else "cpu", "threads": int(pool.num_cpus), **extra}
         ds = ds.map_batches(
             stage_cls, batch_size=pool.batch_size, batch_format="pyarrow", fn_constructor_kwargs=kwargs,

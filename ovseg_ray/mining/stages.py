@@ -154,7 +154,7 @@ def node_local_weights(uri: str | None) -> str | None:
     return str(local)
 
 
-def _build_segmenter(preset: str, weights: str | None, seed: int, device: str, threads: int):
+def _build_segmenter(preset: str, weights: str | None, seed: int, device: str, threads: int, precision: str):
     import torch
 
     from ..inference import Segmenter
@@ -162,17 +162,18 @@ def _build_segmenter(preset: str, weights: str | None, seed: int, device: str, t
 
     torch.set_num_threads(max(1, threads))
     model = build_model(load_model_config(preset), weights=node_local_weights(weights), device=device, seed=seed)
-    return Segmenter(model)
+    return Segmenter(model, precision=precision)
 
 
 class ProposalStage:
     """Ray Data actor (pool 1): MaskFormer proposals -> COCO RLE masks at the image size."""
 
     def __init__(self, preset: str, weights: str | None, seed: int, device: str, threads: int,
-                 threshold: float, min_pixels: int):
+                 threshold: float, min_pixels: int, precision: str = "auto"):
         from .matching import ProposalMasks
 
-        self.stage = ProposalMasks(_build_segmenter(preset, weights, seed, device, threads), threshold, min_pixels)
+        self.stage = ProposalMasks(_build_segmenter(preset, weights, seed, device, threads, precision), threshold,
+                                   min_pixels)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         indices, rles, boxes, objectness = [], [], [], []
@@ -214,10 +215,10 @@ class MatchingStage:
     """Ray Data actor (pool 2): masked-CLIP region and noun embeddings -> best mask per noun."""
 
     def __init__(self, preset: str, weights: str | None, seed: int, device: str, threads: int,
-                 min_score: float | None, filters: dict | None = None):
+                 min_score: float | None, filters: dict | None = None, precision: str = "auto"):
         from .matching import NounMatcher
 
-        self.matcher = NounMatcher(_build_segmenter(preset, weights, seed, device, threads), min_score)
+        self.matcher = NounMatcher(_build_segmenter(preset, weights, seed, device, threads, precision), min_score)
         self.filters = filters or {}
 
     def __call__(self, batch: pa.Table) -> pa.Table:

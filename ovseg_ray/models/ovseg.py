@@ -126,11 +126,12 @@ NO_WEIGHTS = "none"  # seeded random weights, whatever the preset
 
 
 def shipped_weights(preset: str | OVSegConfig) -> str | None:
-    """The weights file a named preset ships in the package (only ``tiny``: trained on the open world,
-    see ``models/weights/tiny.md``), or None."""
-    if not isinstance(preset, str):
+    """The weights file a preset ships in the package (only ``tiny``: trained on the open world, see
+    ``models/weights/tiny.md``), or None; a config object is known by its name."""
+    name = preset if isinstance(preset, str) else preset.name
+    if not name.replace("-", "").isalnum():  # a model config .json path: nothing ships for it
         return None
-    path = SHIPPED_WEIGHTS_DIR / f"{preset}.safetensors"
+    path = SHIPPED_WEIGHTS_DIR / f"{name}.safetensors"
     return str(path) if path.exists() else None
 
 
