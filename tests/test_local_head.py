@@ -58,7 +58,7 @@ def test_mining_job_with_its_own_runtime_env_succeeds_and_writes_no_secret(head:
     assert "succeeded" in logs and "mined " in logs and f"-> {output}" in logs, logs[-4000:]
     fs = s3fs.S3FileSystem()
     fs.invalidate_cache()
-    shards = fs.glob(f"{output.removeprefix('s3://')}/**.parquet")
+    shards = fs.glob(f"{output.removeprefix('s3://')}/pairs/*.parquet")
     assert len(shards) == 2, shards
     assert SENTINEL_SECRET not in logs
     assert _files_holding(Path(head.temp_dir), SENTINEL_SECRET) == []
