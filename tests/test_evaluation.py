@@ -184,7 +184,7 @@ def test_end_to_end_one_and_two_actors(ray_session, synth_dataset, segmenter, tm
     assert json.loads((out / "results.json").read_text())["benchmarks"]["ade20k_150"] == result
     assert json.loads((out / "ade20k_150/results.json").read_text()) == result
     table = (out / "table.md").read_text()
-    assert f"| **tiny (random weights)** | - | - | {result['metrics']['mIoU']:.1f} | - | - |" in table
+    assert f"| **tiny (shipped weights)** | - | - | {result['metrics']['mIoU']:.1f} | - | - |" in table
     with Image.open(io.BytesIO((out / "ade20k_150/per_class_iou.png").read_bytes())) as chart:
         assert chart.format == "PNG" and chart.width > 300 and chart.height > 100
 

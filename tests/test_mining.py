@@ -163,7 +163,7 @@ def test_end_to_end_pairs_are_valid(local_run, coco, synth_dataset):
             assert re.search(rf"\b{re.escape(word)}", row["caption"].lower()), (word, row["caption"])
         assert -1.0 <= row["score"] <= 1.0
         assert row["image_uri"] == str(synth_dataset / "images" / info["file_name"])
-        assert (row["proposal_model"], row["clip_model"], row["proposal_weights"]) == ("tiny", "tiny", "")
+        assert (row["proposal_model"], row["clip_model"], row["proposal_weights"]) == ("tiny", "tiny", "default")
     keys = [(r["image_id"], r["noun"]) for r in pairs.to_pylist()]
     assert len(keys) == len(set(keys))
 

@@ -12,7 +12,9 @@ import pytest
 from ovseg_ray.data.world import CLASSES, SEEN
 from ovseg_ray.workflows.reproduce import ROWS, ReproduceConfig, reproduce
 
-pytestmark = pytest.mark.slow
+# Opt-in (``pytest -m reproduce``): on this 2-core machine it takes over ten minutes, which the suite's
+# time budget cannot hold yet (see docs/reproduction.md).
+pytestmark = [pytest.mark.slow, pytest.mark.reproduce]
 
 
 def _history(out, row: str) -> list[dict]:

@@ -27,7 +27,7 @@ from ..data.images import ImageDecodeError, decode_image
 from ..data.readers import BENCHMARKS, BenchmarkLayout, BenchmarkReader, custom_layout, decode_label
 from ..device import is_device_failure
 from ..models.official import BENCHMARK_LAMBDAS, DEFAULT_LAMBDA
-from ..models.ovseg import resolve_weights
+from ..models.ovseg import resolve_weights, shipped_weights
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,10 @@ class EvalConfig(StrictModel):
         if self.name:
             return self.name
         weights = resolve_weights(self.model.preset, self.model.weights)
-        weights = os.path.basename(weights.rstrip("/")) if weights else "random weights"
+        if weights and weights == shipped_weights(self.model.preset):
+            weights = "shipped weights"
+        else:
+            weights = os.path.basename(weights.rstrip("/")) if weights else "random weights"
         return f"{self.model.preset} ({weights})"
 
 
