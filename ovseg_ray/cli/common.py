@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 
 from pydantic import BaseModel
@@ -80,3 +81,19 @@ def refuse_relative_paths_in_job(paths: dict[str, str | list[str] | None]) -> No
                     f"{field} {path!r} is a relative path, and this runs inside a Ray job: it would land in the "
                     f"job's temporary working directory ({os.getcwd()}), which Ray deletes afterwards, on each "
                     f"node's own disk; give an absolute path on storage every node shares, or an s3:// URI")
+
+
+def run_training(args: argparse.Namespace, config, train: Callable):
+    """Join or start Ray and run a Ray Train command's ``train(config)``; its summary, or None after a
+    one-line error when training failed for good (a re-run resumes from the last checkpoint)."""
+    from ray.train import TrainingFailedError
+
+    from ..raycluster import init_ray
+
+    init_ray(args.address)
+    try:
+        return train(config)
+    except TrainingFailedError as exc:
+        print(f"error: training failed after {config.run.max_failures} retries: {exc}; re-run the same "
+              f"command to resume from the last checkpoint", file=sys.stderr)
+        return None

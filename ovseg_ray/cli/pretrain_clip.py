@@ -15,11 +15,10 @@ reported, not redone.
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..config import config_from_args
 from ..training.pretrain import PretrainClipConfig
-from .common import add_config_command
+from .common import add_config_command, run_training
 
 
 def register(subparsers) -> None:
@@ -28,17 +27,10 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray.train import TrainingFailedError
-
-    from ..raycluster import init_ray
     from ..training.engine import pretrain_clip
 
     config = config_from_args(args, PretrainClipConfig)
-    init_ray(args.address)
-    try:
-        pretrain_clip(config)
-    except TrainingFailedError as exc:
-        print(f"error: training failed after {config.run.max_failures} retries: {exc}; re-run the same "
-              f"command to resume from the last checkpoint", file=sys.stderr)
+    summary = run_training(args, config, pretrain_clip)
+    if summary is None:
         return 1
     return 0

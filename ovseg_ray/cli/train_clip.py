@@ -16,11 +16,10 @@ call ``ovseg_ray.models.clip.register_clip_configs()`` first), ``mask_prompts.sa
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..config import config_from_args
 from ..training.clip_config import TrainClipConfig
-from .common import add_config_command, refuse_relative_paths_in_job
+from .common import add_config_command, refuse_relative_paths_in_job, run_training
 
 
 def register(subparsers) -> None:
@@ -29,18 +28,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray.train import TrainingFailedError
-
-    from ..raycluster import init_ray
     from ..training.engine import train_clip
 
     config = config_from_args(args, TrainClipConfig)
     refuse_relative_paths_in_job({"run.storage_path": config.run.storage_path})
-    init_ray(args.address)
-    try:
-        train_clip(config)
-    except TrainingFailedError as exc:
-        print(f"error: training failed after {config.run.max_failures} retries: {exc}; re-run the same "
-              f"command to resume from the last checkpoint", file=sys.stderr)
+    summary = run_training(args, config, train_clip)
+    if summary is None:
         return 1
     return 0

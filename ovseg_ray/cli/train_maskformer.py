@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 from ..config import config_from_args
 from ..training.maskformer_config import TrainMaskFormerConfig
-from .common import add_config_command
+from .common import add_config_command, run_training
 
 
 def register(subparsers) -> None:
@@ -51,19 +50,12 @@ def validate(config: TrainMaskFormerConfig, summary: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ray.train import TrainingFailedError
-
     from ..data import storage
-    from ..raycluster import init_ray
     from ..training.engine import train_maskformer
 
     config = config_from_args(args, TrainMaskFormerConfig)
-    init_ray(args.address)
-    try:
-        summary = train_maskformer(config)
-    except TrainingFailedError as exc:
-        print(f"error: training failed after {config.run.max_failures} retries: {exc}; re-run the same "
-              f"command to resume from the last checkpoint", file=sys.stderr)
+    summary = run_training(args, config, train_maskformer)
+    if summary is None:
         return 1
     if config.data.val_images and "validation" not in summary:
         summary["validation"] = validate(config, summary)
