@@ -79,6 +79,16 @@ def synced_time(fn, repeats: int, warmup: int = 2) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def scenes(count: int) -> list[np.ndarray]:
+    """``count`` generated scenes resized to 640x480 (the timings' images)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_dataset(tmp, images=count, seed=0)
+        folder = os.path.join(tmp, "images")
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".jpg"))[:count]
+        return [cv2.resize(load_image(os.path.join(folder, n)), (640, 480), interpolation=cv2.INTER_LINEAR)
+                for n in names]
+
+
 def check_equivalence() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -227,12 +237,7 @@ def main() -> int:
     REPORT["device"] = torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (dry run)"
     REPORT["torch"] = torch.__version__
     print(f"device {REPORT['device']}, torch {torch.__version__}", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        generate_dataset(tmp, images=args.images, seed=0)
-        folder = os.path.join(tmp, "images")
-        names = sorted(n for n in os.listdir(folder) if n.endswith(".jpg"))[: args.images]
-        images = [cv2.resize(load_image(os.path.join(folder, n)), (640, 480), interpolation=cv2.INTER_LINEAR)
-                  for n in names]
+    images = scenes(args.images)
     ade = class_list("ade20k_150").clean_classes
 
     if DEVICE == "cuda":

@@ -198,11 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)  # a fresh output: the pipeline would resume an old one
             if side == "pipeline":
                 summary, stats = pipeline_run(args, data, preset, out)
-                wall, pairs = summary["wall_time_s"], summary["pairs"]
-                rate_steady = summary["steady_images_per_s"] or float("nan")  # None: everything came out at once
+                wall, pairs = summary["this_run"]["wall_time_s"], summary["pairs"]
+                rate_steady = summary["this_run"]["steady_images_per_s"] or float("nan")  # None: everything came out at once
                 busy = ", ".join(f"{k} {v:.1f}" for k, v in operator_times(stats).items())
                 lines.append(f"  pipeline {len(dataset) / wall:.3f} images/s end to end ({wall:.1f}s, {pairs} pairs, "
-                             f"first image out after {summary['startup_s']:.1f}s, then {rate_steady:.3f} images/s); "
+                             f"first image out after {summary['this_run']['startup_s']:.1f}s, then {rate_steady:.3f} images/s); "
                              f"busy seconds per operator (summed over its actors/tasks): {busy}")
             else:
                 torch.set_num_threads(dict(loops)[side])

@@ -24,27 +24,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="Ray cluster (default: RAY_ADDRESS of the job)")
     args = parser.parse_args(argv)
 
-    from ovseg_ray.config import ConfigError
-    from ovseg_ray.serving.config import load_serve_config
+    from ovseg_ray.cli import report_errors
 
-    try:
-        config = load_serve_config(args.config, app_name=args.app)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return report_errors(lambda: _deploy(args))
 
+
+def _deploy(args: argparse.Namespace) -> int:
     from ray import serve
 
+    from ovseg_ray.cli.common import refuse_relative_paths_in_job
     from ovseg_ray.raycluster import init_ray
     from ovseg_ray.serving.app import deploy, serve_until_stopped
+    from ovseg_ray.serving.config import load_serve_config
 
+    config = load_serve_config(args.config, app_name=args.app)
+    refuse_relative_paths_in_job({"limits.image_uri_prefixes": config.limits.image_uri_prefixes})
     joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
     init_ray(args.address)
-    try:
-        url = deploy(config)
-    except ValueError as exc:  # e.g. GPUs requested on a cluster without any
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    url = deploy(config)  # refuses what the cluster cannot hold, GPUs it does not have, missing weights
     status = serve.status().applications[config.app_name]
     replicas = ", ".join(f"{name} {d.replica_states.get('RUNNING', 0)}" for name, d in status.deployments.items())
     print(f"deployed {config.app_name!r} ({config.model.preset}): {status.status.value}; running replicas: {replicas}")

@@ -1,6 +1,6 @@
 """Ray job entrypoint for zero-shot evaluation (same flags as ``ovseg-ray eval``)::
 
-    ray job submit --working-dir . -- python jobs/evaluate.py --config eval.yaml --compute.max-actors 4
+    ray job submit --working-dir . -- python jobs/evaluate.py --config cluster/eval.yaml --compute.max-actors 4
 
 Inside ``ray job submit`` it joins that cluster; run directly it starts a local Ray.
 """

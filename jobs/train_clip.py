@@ -1,6 +1,6 @@
 """Ray job entry point for fine-tuning the masked CLIP on mined pairs (same config as the CLI).
 
-    ray job submit --working-dir . -- python jobs/train_clip.py --config train_clip.yaml
+    ray job submit --working-dir . -- python jobs/train_clip.py --config cluster/train_clip.yaml
     python jobs/train_clip.py --data.pairs runs/mine/pairs --mode mpt --run.num-workers 2
 
 Every flag of ``ovseg-ray train-clip`` works here; re-submitting the same job resumes it.

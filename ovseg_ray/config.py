@@ -38,6 +38,12 @@ def check_model_preset(value: str) -> str:
 ModelPreset = Annotated[str, AfterValidator(check_model_preset)]
 
 
+#: Autocast of the networks at inference (resolved by ``ovseg_ray.device.autocast_dtype``).
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PRECISION_HELP = ("autocast of the networks: auto = bf16 on a GPU that supports it, fp32 on CPU (logits, "
+                  "ensemble and fusion always fp32)")
+
+
 class StrictModel(BaseModel):
     """Base for every config: unknown fields are errors, assignments are validated."""
 
@@ -55,6 +61,18 @@ class ModelConfig(StrictModel):
     device: str = Field("auto", description="auto (the GPU Ray gave the actor/replica, else CPU), cpu, cuda "
                                             "or cuda:N")
     seed: int = Field(0, description="seed of the random initialisation (presets without weights)")
+    precision: Precision = Field("auto", description=PRECISION_HELP)
+    max_regions_per_forward: int = Field(512, gt=0, description="most regions in one masked-CLIP forward")
+    skip_min_area: int = Field(0, ge=0, description="proposals whose binary mask has fewer pixels (processing "
+                               "size) get no CLIP region, like empty ones; 0 = off")
+    skip_no_object_above: float | None = Field(
+        None, gt=0, le=1, description="proposals whose MaskFormer no-object probability is above this get no "
+                                      "CLIP region, like empty ones; none = off")
+
+    def segmenter_options(self) -> dict[str, Any]:
+        """The :class:`ovseg_ray.inference.Segmenter` keyword arguments these settings give."""
+        return {"precision": self.precision, "max_regions_per_forward": self.max_regions_per_forward,
+                "skip_min_area": self.skip_min_area, "skip_no_object_above": self.skip_no_object_above}
 
 
 class ActorPoolConfig(StrictModel):
@@ -110,8 +128,10 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def load_config(model: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> T:
-    """Build ``model`` from a YAML file (optional) plus ``{"a.b": value}`` overrides."""
+def load_config(model: type[T], path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                context: dict[str, Any] | None = None) -> T:
+    """Build ``model`` from a YAML file (optional) plus ``{"a.b": value}`` overrides (``context``: for
+    the model's validators)."""
     data: dict[str, Any] = {}
     source = "config"
     if path is not None:
@@ -130,7 +150,7 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: dict[
     for key, value in (overrides or {}).items():
         _set_dotted(data, key, value)
     try:
-        return model.model_validate(data)
+        return model.model_validate(data, context=context)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
 
@@ -180,6 +200,13 @@ def _parse_value(raw: str, as_list: bool) -> Any:
     elif as_list and value is not None and not isinstance(value, list):
         value = [value]  # one number or flag for a list field: a list of one
     return value
+
+
+def dotted_values(model: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
+    """``{"a.b": "8"}`` with each text value parsed as the flag ``--a.b 8`` would be (a YAML scalar; a
+    comma-separated list for list fields); other values pass unchanged."""
+    lists = {dotted for dotted, annotation, _ in _leaf_fields(model) if _is_list(annotation)}
+    return {key: _parse_value(value, key in lists) if isinstance(value, str) else value for key, value in values.items()}
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

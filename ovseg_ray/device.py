@@ -41,3 +41,38 @@ def is_device_failure(exc: BaseException) -> bool:
         return True
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(key in text for key in ("CUDA", "cuDNN", "NCCL", "cuBLAS"))
+
+
+#: The precisions every engine accepts (``ModelConfig.precision``, the training configs' ``optim.precision``).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def autocast_dtype(precision: str, device: torch.device, allow_cpu: bool = True) -> torch.dtype | None:
+    """The dtype the networks autocast to on ``device`` (None = plain fp32).
+
+    ``auto``: bf16 on a CUDA GPU that supports it (fp16 on one that does not), fp32 on the CPU.
+    ``bf16``/``fp16`` are honoured on the CPU too (CPU autocast), unless ``allow_cpu`` is off, where
+    they are refused (the training steps: mixed precision there is a GPU feature).
+    """
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = torch.device(device)
+    if precision == "fp32":
+        return None
+    if device.type != "cuda":
+        if precision == "auto":
+            return None
+        if not allow_cpu:
+            raise ValueError(f"precision {precision} needs a CUDA device, this worker runs on {device}")
+    elif precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    """A context that autocasts to ``dtype`` on ``device``'s type, or does nothing for None (fp32)."""
+    import torch
+
+    return torch.autocast(torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None)

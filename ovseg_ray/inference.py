@@ -16,9 +16,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .models.ensemble import UNLABELLED, clip_probs, demo_selection, ensemble_probs, fused_labels, maskformer_probs
+from .config import ModelConfig
+from .device import autocast, autocast_dtype
+from .models.ensemble import (UNLABELLED, clip_probs, demo_selection, ensemble_probs, fused_labels, kept_proposals,
+                              maskformer_probs)
 from .models.official import DEMO_MASK_THRESHOLD, INFERENCE_MODES
-from .models.ovseg import OVSegModel
+from .models.ovseg import OVSegModel, build_model
 from .models.regions import RegionPreprocessor
 from .models.text import TextEmbedder, clean_class_names
 
@@ -116,7 +119,13 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
 class Segmenter:
     """Runs an :class:`OVSegModel` on images with any vocabulary."""
 
-    def __init__(self, model: OVSegModel, text_cache_size: int = 8192):
+    def __init__(self, model: OVSegModel, text_cache_size: int = 8192, precision: str = "auto",
+                 max_regions_per_forward: int = 512, skip_min_area: int = 0,
+                 skip_no_object_above: float | None = None):
+        autocast_dtype(precision, "cpu")  # an unknown precision is refused here, named
+        self.precision = precision
+        self.max_regions_per_forward = int(max_regions_per_forward)
+        self.skip_min_area, self.skip_no_object_above = int(skip_min_area), skip_no_object_above
         self.model = model.eval()
         self.config = model.config
         self.text = TextEmbedder(model.clip, model.tokenizer, model.config.template_list(), cache_size=text_cache_size)
@@ -124,9 +133,20 @@ class Segmenter:
             size=model.region_encoder.image_size, interpolation=model.config.region_interpolation
         )
 
+    @classmethod
+    def from_config(cls, config: ModelConfig, device: str | torch.device | None = None, **kwargs) -> Segmenter:
+        """The model ``config`` names, on ``device`` (default: ``config.device``), with its inference options."""
+        model = build_model(config.preset, weights=config.weights, device=device or config.device, seed=config.seed)
+        return cls(model, **config.segmenter_options(), **kwargs)
+
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """What the networks autocast to here (None: fp32), from ``precision`` and the model's device."""
+        return autocast_dtype(self.precision, self.device)
 
     def resize_for_model(self, image: np.ndarray) -> torch.Tensor:
         """(3, h, w) float 0-255 on the model's device, resized to the preset's processing size."""
@@ -136,21 +156,37 @@ class Segmenter:
 
     @torch.no_grad()
     def propose(self, image: np.ndarray) -> Proposals:
-        resized = self.resize_for_model(image)
-        out = self.model.maskformer.propose(resized)
-        return Proposals(resized, out["class_embeddings"], out["mask_logits"])
+        return self.propose_many([image])[0]
+
+    @torch.no_grad()
+    def propose_many(self, images: list[np.ndarray]) -> list[Proposals]:
+        """MaskFormer proposals of several images, batched per padded size (see ``OpenVocabMaskFormer.propose_many``)."""
+        resized = [self.resize_for_model(image) for image in images]
+        outputs = self.model.maskformer.propose_many(resized, self.autocast_dtype)
+        return [Proposals(r, out["class_embeddings"], out["mask_logits"]) for r, out in zip(resized, outputs)]
+
+    def propose_each(self, images: list[np.ndarray]) -> list[Proposals]:
+        """:meth:`propose` for one image, :meth:`propose_many` for several (the same computation)."""
+        return [self.propose(images[0])] if len(images) == 1 else self.propose_many(images)
+
+    def region_masks(self, proposals: Proposals, p_maskformer: torch.Tensor, threshold: float) -> torch.Tensor:
+        """The binary masks the CLIP stage gets: skipped proposals (the skip options) emptied."""
+        masks = proposals.binary_masks(threshold)
+        keep = kept_proposals(masks, p_maskformer, self.skip_min_area, self.skip_no_object_above)
+        return masks if keep is None else masks & keep.view(-1, 1, 1)
 
     @torch.no_grad()
     def embed_regions_many(
-        self, items: list[tuple[torch.Tensor, torch.Tensor]], max_per_forward: int = 512
+        self, items: list[tuple[torch.Tensor, torch.Tensor]], max_per_forward: int | None = None
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Masked-CLIP embeddings for the regions of several images, in shared encoder forwards.
 
         ``items`` are (image (3, h, w) 0-255, masks (Q, h, w) bool) pairs. Each image's regions are
         cropped separately (THE region preprocessing), then all regions go through the encoder in
-        chunks of ``max_per_forward``. Returns, per item, unit-norm embeddings (K, E) of its
+        chunks of ``max_per_forward`` (default: the segmenter's), under the segmenter's precision. Returns, per item, unit-norm embeddings (K, E) of its
         non-empty masks and its (Q,) valid flags.
         """
+        max_per_forward = max_per_forward or self.max_regions_per_forward
         batches = [self.regions(image.to(self.device), masks.to(self.device)) for image, masks in items]
         counts = [len(batch) for batch in batches]
         encoder = self.model.region_encoder
@@ -159,10 +195,10 @@ class Segmenter:
         else:
             images = torch.cat([b.images for b in batches])
             masks = torch.cat([b.masks for b in batches])
-            embeddings = torch.cat([
-                F.normalize(encoder(images[i : i + max_per_forward], masks[i : i + max_per_forward]).float(), dim=-1)
-                for i in range(0, images.shape[0], max_per_forward)
-            ])
+            with autocast(self.autocast_dtype, self.device):
+                parts = [encoder(images[i : i + max_per_forward], masks[i : i + max_per_forward])
+                         for i in range(0, images.shape[0], max_per_forward)]
+            embeddings = F.normalize(torch.cat(parts).float(), dim=-1)
         return [(part, batch.valid) for part, batch in zip(torch.split(embeddings, counts), batches)]
 
     def embed_regions(self, image: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,45 +270,54 @@ class Segmenter:
         return inference_settings(self.config, mode, lam, mask_threshold)
 
     @torch.no_grad()
-    def segment(
-        self,
-        image: np.ndarray,
-        classes: list[str],
-        lam: float | None = None,
-        mask_threshold: float | None = None,
-        mode: str = "eval",
-    ) -> SegmentationResult:
+    def segment(self, image: np.ndarray, classes: list[str], lam: float | None = None,
+                mask_threshold: float | None = None, mode: str = "eval") -> SegmentationResult:
         """Semantic map of ``image`` ((H, W, 3) uint8 RGB) over ``classes``, at the image's size.
 
         ``mode="demo"``: the official demo's inference (see :meth:`fuse_demo`); a one-name vocabulary
         gets "others" appended, as there, and the result's classes include it.
         """
+        return self.segment_many([image], classes, lam, mask_threshold, mode)[0]
+
+    @torch.no_grad()
+    def segment_many(self, images: list[np.ndarray], classes: list[str], lam: float | None = None,
+                     mask_threshold: float | None = None, mode: str = "eval") -> list[SegmentationResult]:
+        """:meth:`segment` of several images: batched MaskFormer forwards, their regions through CLIP
+        together; each result equals the image's own run (float noise). Stage timings are the batch's
+        per image."""
         lam, threshold = self.settings(mode, lam, mask_threshold)
         classes = vocabulary(classes, mode)
-        timings = {}
+        count, timings = max(1, len(images)), {}
         start = self.clock()
-        proposals = self.propose(image)
+        proposals = self.propose_each(images)
         now = self.clock()
-        timings["proposals_s"], start = now - start, now
-
-        p_mf = self.maskformer_probs(proposals.class_embeddings, classes)
-        p_clip = valid = None  # lambda 0: MaskFormer only, the CLIP stage is skipped entirely
+        timings["proposals_s"], start = (now - start) / count, now
+        p_mf = [self.maskformer_probs(p.class_embeddings, classes) for p in proposals]
+        clip = [(None, None)] * len(images)  # lambda 0: MaskFormer only, the CLIP stage is skipped entirely
         if lam > 0.0:
-            p_clip, valid = self.classify_regions(proposals.image, proposals.binary_masks(threshold), classes)
+            clip = self.classify_many(proposals, p_mf, threshold, classes)
         now = self.clock()
-        timings["regions_s"], start = now - start, now
-        if mode == "demo":
-            labels = self.fuse_demo(p_clip, valid, proposals.mask_logits, image.shape[:2], threshold, classes)
-        else:
-            labels = self.fuse(p_mf, p_clip, valid, proposals.mask_logits, image.shape[:2], lam)
-        timings["fusion_s"] = self.clock() - start
-        return SegmentationResult(
-            labels=labels,
-            classes=classes,
-            num_proposals=int(p_mf.shape[0]),
-            num_valid_regions=0 if valid is None else int(valid.sum()),
-            timings=timings,
-        )
+        timings["regions_s"] = (now - start) / count
+        results = []
+        for image, props, probs, (p_clip, valid) in zip(images, proposals, p_mf, clip):
+            start = self.clock()
+            if mode == "demo":
+                labels = self.fuse_demo(p_clip, valid, props.mask_logits, image.shape[:2], threshold, classes)
+            else:
+                labels = self.fuse(probs, p_clip, valid, props.mask_logits, image.shape[:2], lam)
+            results.append(SegmentationResult(
+                labels=labels, classes=classes, num_proposals=int(probs.shape[0]),
+                num_valid_regions=0 if valid is None else int(valid.sum()),
+                timings={**timings, "fusion_s": self.clock() - start}))
+        return results
+
+    def classify_many(self, proposals: list[Proposals], p_maskformer: list[torch.Tensor], threshold: float,
+                      classes: list[str]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(CLIP probabilities (K, C), valid flags (Q,)) per image; all images' regions in shared forwards."""
+        items = [(p.image, self.region_masks(p, probs, threshold)) for p, probs in zip(proposals, p_maskformer)]
+        if len(items) == 1:  # one image: its own stage call, as the stage's callers (and counters) expect
+            return [self.classify_regions(*items[0], classes)]
+        return [(self.clip_probs(emb, classes), valid) for emb, valid in self.embed_regions_many(items)]
 
     @torch.no_grad()
     def segment_settings(
@@ -283,19 +328,26 @@ class Segmenter:
         Each equals :meth:`segment` with that setting, but the stages that do not depend on lambda
         are shared: proposals and MaskFormer probabilities once, CLIP regions once per threshold.
         """
+        return self.segment_settings_many([image], classes, settings)[0]
+
+    @torch.no_grad()
+    def segment_settings_many(self, images: list[np.ndarray], classes: list[str],
+                              settings: list[tuple[float, float]]) -> list[list[np.ndarray]]:
+        """:meth:`segment_settings` of several images, batched as :meth:`segment_many` batches."""
         classes = clean_class_names(classes)
         by_threshold: dict[float, list[tuple[int, float]]] = {}
         for index, (lam, threshold) in enumerate(settings):
             by_threshold.setdefault(threshold, []).append((index, lam))
-        labels: list[np.ndarray | None] = [None] * len(settings)
-        proposals = self.propose(image)
-        p_mf = self.maskformer_probs(proposals.class_embeddings, classes)
+        labels: list[list[np.ndarray | None]] = [[None] * len(settings) for _ in images]
+        proposals = self.propose_each(images)
+        p_mf = [self.maskformer_probs(p.class_embeddings, classes) for p in proposals]
         for threshold, group in by_threshold.items():
-            p_clip = valid = None  # lambda 0 everywhere: the CLIP stage is not needed
+            clip = [(None, None)] * len(images)  # lambda 0 everywhere: the CLIP stage is not needed
             if any(lam > 0.0 for _, lam in group):
-                p_clip, valid = self.classify_regions(proposals.image, proposals.binary_masks(threshold), classes)
-            for index, lam in group:
-                labels[index] = self.fuse(p_mf, p_clip, valid, proposals.mask_logits, image.shape[:2], lam)
+                clip = self.classify_many(proposals, p_mf, threshold, classes)
+            for n, (image, props, probs, (p_clip, valid)) in enumerate(zip(images, proposals, p_mf, clip)):
+                for index, lam in group:
+                    labels[n][index] = self.fuse(probs, p_clip, valid, props.mask_logits, image.shape[:2], lam)
         return labels
 
     # ------------------------------------------------------------------------------------------

@@ -121,6 +121,21 @@ def result_summary(result: SegmentationResult, with_rle: bool = True, with_timin
     return summary
 
 
+def claim_stems(items) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """``(uri, stem)`` pairs in order: those that keep their stem, and ``(uri, stem, reason)`` for each
+    whose stem an earlier one took (its outputs would overwrite the earlier's). Segment and
+    segment-batch both follow this rule."""
+    owners: dict[str, str] = {}
+    kept, refused = [], []
+    for uri, stem in items:
+        if stem in owners:
+            refused.append((uri, stem, f"outputs would overwrite those of {owners[stem]} (same name)"))
+        else:
+            owners[stem] = uri
+            kept.append((uri, stem))
+    return kept, refused
+
+
 #: The files written per image, by kind; ``json`` is written last (it marks the image as done).
 OUTPUT_SUFFIXES = {"label_png": ".labels.png", "overlay_png": ".overlay.png", "json": ".json"}
 

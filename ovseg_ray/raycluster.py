@@ -25,27 +25,27 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     """Connect once per process.
 
     Inside ``ray job submit`` (``RAY_ADDRESS`` set) or with ``address`` this joins that cluster;
-    otherwise it starts a local Ray on this machine. Environment variables that the workers need
-    (S3 endpoint and credentials, NLTK data) are forwarded to them.
+    otherwise it starts a local Ray on this machine. No ``runtime_env`` is ever passed:
+
+    - a job's own runtime env (``--runtime-env-json``, a RayJob's ``runtimeEnvYAML``) then applies
+      as it is; setting keys it may hold (``env_vars``) makes Ray refuse to merge the two;
+    - Ray logs runtime envs in plain text (``runtime_env_agent.log``), so no secret may travel in
+      one: a local Ray started here spawns its workers from this process, which inherit its
+      environment (S3 settings, ``NLTK_DATA``) without it being written anywhere, and a cluster's
+      nodes have their own (instance roles or Kubernetes secrets for S3, ``NLTK_DATA`` given to
+      ``ray start`` or in the job's runtime env: see the README's "Running on a cluster").
     """
     import ray
 
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    forwarded = {
-        key: os.environ[key]
-        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                    "AWS_ENDPOINT_URL", "NLTK_DATA")
-        if key in os.environ
-    }
-    kwargs = {"runtime_env": {"env_vars": forwarded}} if forwarded else {}
     if address:
         logger.info("connecting to Ray at %s", address)
-        ray.init(address=address, **kwargs)
+        ray.init(address=address)
     else:
         logger.info("starting a local Ray instance")
-        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False, **kwargs)
+        ray.init(num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=False)
 
 
 def worker_device(name: str = "auto") -> torch.device:

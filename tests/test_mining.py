@@ -179,7 +179,7 @@ def test_end_to_end_pairs_are_valid(local_run, coco, synth_dataset):
     # Every image ends with pairs or with an error.
     assert summary["images_with_pairs"] + len(set(errors.column("image_id").to_pylist())) == 12
     assert summary["shards"] == summary["shards_done"] == 3 and summary["complete"]
-    assert summary["images_processed"] == 12 and summary["images_per_s"] > 0
+    assert summary["this_run"]["images_processed"] == 12 and summary["this_run"]["images_per_s"] > 0
     assert "mined %d pairs" % pairs.num_rows in result.summary_line()
 
 
@@ -224,7 +224,7 @@ def test_two_actor_pools_visible_in_ray_data_stats(local_run):
     operators = re.findall(r"^Operator \d+ (\S+?): (\d+) tasks executed", stats, flags=re.M)
     names = [name for name, _ in operators]
     assert names == ["FromItems", "MapBatches(prepare_images)", "MapBatches(ProposalStage)",
-                     "MapBatches(MatchingStage)"]
+                     "MapBatches(MatchingStage)", "MapBatches(write_parts)"]
     assert stats.count("'num_alive_actors'") >= 2
     # The actors Ray started for the run: 2 in the proposal pool, 1 in the matching pool.
     assert result.new_actors.count("MapWorker(MapBatches(ProposalStage))") == 2
@@ -286,7 +286,7 @@ def test_resume_after_injected_failure(local_run, synth_dataset, tmp_path):
     result = mine_pairs(make_config(synth_dataset, str(out), **settings))
     assert result.summary["shards_skipped"] == 1
     assert sorted(result.shards_written) == sorted({0, 1, 2} - done)
-    assert result.summary["images_processed"] == 12 - 4
+    assert result.summary["this_run"]["images_processed"] == 12 - 4
     resumed, uninterrupted = read_dir(out / "pairs"), read_dir(reference / "pairs")
     assert resumed.num_rows == uninterrupted.num_rows
     assert sorted_rows(resumed) == sorted_rows(uninterrupted)
@@ -381,7 +381,9 @@ def test_mine_preview_contact_sheet(local_run, tmp_path):
 def test_resuming_into_an_output_of_other_settings_is_refused(tmp_path):
     layout = OutputLayout(str(tmp_path / "mined"))
     settings = {"captions_per_image": 1, "nouns": {"compounds": True, "extra_blocklist": []}}
-    layout.check_manifest(settings)
+    layout.write_manifest(settings)
+    (tmp_path / "mined" / "shards").mkdir()
+    (tmp_path / "mined" / "shards" / "shard-00000.json").write_text("{}")  # one committed shard
     layout.check_manifest(settings)  # same settings: resumes
     changed = {**settings, "nouns": {"compounds": False, "extra_blocklist": []}}
     with pytest.raises(ConfigError, match=r"other settings \(nouns.compounds: True -> False\)"):

@@ -8,10 +8,12 @@ library's own two-stage inference (``Segmenter.segment``) run in this process.
 from __future__ import annotations
 
 import base64
+import http.server
 import io
 import json
 import os
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -31,8 +33,9 @@ from ovseg_ray.serving.api import (
     SegmentResponse,
     decode_checked,
     parse_segment_request,
-    uri_allowed,
+    render_json,
 )
+from ovseg_ray.serving.uris import uri_allowed
 from ovseg_ray.serving.multipart import MultipartError, parse_multipart
 from ovseg_ray.serving.config import Limits, ModelSettings, ServeConfig, load_serve_config
 
@@ -60,27 +63,56 @@ def images(synth_dataset):
     return [SimpleNamespace(path=p, data=open(p, "rb").read(), array=load_image(p)) for p in paths]
 
 
+class _Files(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder on 127.0.0.1 and remembers every path asked for."""
+
+    def log_message(self, *args) -> None:
+        type(self).requested.append(self.path)
+
+
 @pytest.fixture(scope="module")
-def service(ray_session, tmp_path_factory):
-    from ray import serve
+def image_server(tmp_path_factory, images):
+    """An HTTP server with /public/scene.jpg and /private/secret.jpg; ``requested`` lists what was asked."""
+    root = tmp_path_factory.mktemp("http_root")
+    for folder, name in (("public", "scene.jpg"), ("private", "secret.jpg")):
+        (root / folder).mkdir()
+        (root / folder / name).write_bytes(images[0].data)
+    handler = type("Files", (_Files,), {"requested": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: handler(*a, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_address[1]}", requested=handler.requested)
+    server.shutdown()
 
-    from ovseg_ray.serving import deploy
 
-    uri_dir = tmp_path_factory.mktemp("served_images")
-    config = ServeConfig.model_validate({
+def _service_config(uri_dir, image_server, **changes) -> ServeConfig:
+    data = {
         "http": {"port": _free_port()},
         "limits": {"max_pixels": 300_000, "max_request_bytes": 2_000_000, "max_classes": 50,
-                   "max_name_chars": 60, "image_uri_prefixes": ["s3://", str(uri_dir)]},
+                   "max_name_chars": 60,
+                   "image_uri_prefixes": ["s3://", str(uri_dir), f"{image_server.url}/public/"]},
         "batching": {"max_batch_requests": 8, "batch_wait_timeout_s": 0.05},
         "default_outputs": ["label_png"],
         "ingress": {"num_replicas": 1, "num_cpus": 0.25},
         "proposer": {"num_replicas": 1, "num_cpus": 0.25},
         "classifier": {"num_replicas": 2, "num_cpus": 0.25},
-    })
+    }
+    for key, value in changes.items():
+        data[key] = {**data.get(key, {}), **value}
+    return ServeConfig.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tmp_path_factory, image_server):
+    from ray import serve
+
+    from ovseg_ray.serving import deploy
+
+    uri_dir = tmp_path_factory.mktemp("served_images")
+    config = _service_config(uri_dir, image_server)
     cpus_before = ray_session.available_resources().get("CPU", 0)
     url = deploy(config)
     with httpx.Client(base_url=url, timeout=120) as http:
-        yield SimpleNamespace(url=url, config=config, uri_dir=uri_dir, http=http)
+        yield SimpleNamespace(url=url, config=config, uri_dir=uri_dir, http=http, image_server=image_server)
     serve.shutdown()
     deadline = time.time() + 60  # the replicas' CPUs go back to the tests that follow
     while ray_session.available_resources().get("CPU", 0) < cpus_before and time.time() < deadline:
@@ -198,6 +230,25 @@ def test_image_uri_from_s3_and_allowed_local_dir(service, images, library, s3_bu
         assert response.status_code == 400 and unreadable in response.json()["detail"], unreadable
 
 
+def test_image_uri_cannot_escape_an_allowed_prefix(service, images, library):
+    """Issue 15.2: dot segments (also percent-encoded) never reach the HTTP client, which would resolve them."""
+    server = service.image_server
+    response = service.http.post("/v1/segment", json={"image_uri": f"{server.url}/public/scene.jpg", "classes": CLASSES})
+    assert response.status_code == 200, response.text
+    np.testing.assert_array_equal(_labels(response.json()), library.segment(images[0].array, CLASSES).labels)
+    assert server.requested and all(path.startswith("/public/") for path in server.requested)
+    escapes = ["/public/../private/secret.jpg", "/public/%2e%2e/private/secret.jpg", "/public/./../private/secret.jpg",
+               "/public/.%2E/private/secret.jpg", "/public/%252e%252e/private/secret.jpg",
+               "/public/..%5cprivate/secret.jpg", "/public/%2E%2E%2Fprivate/secret.jpg"]
+    for path in escapes:
+        response = service.http.post("/v1/segment", json={"image_uri": server.url + path, "classes": CLASSES})
+        assert response.status_code == 403 and "'.' or '..' path segment" in response.json()["detail"], path
+    for outside in ("/private/secret.jpg", "/publicity/scene.jpg", "/public%2f../private/secret.jpg"):
+        response = service.http.post("/v1/segment", json={"image_uri": server.url + outside, "classes": CLASSES})
+        assert response.status_code == 403, outside
+    assert not [path for path in server.requested if not path.startswith("/public/")]
+
+
 # ------------------------------------------------------------------------------------------------
 # acceptance 3: bad input gets its 4xx with a message; the service keeps working
 
@@ -251,7 +302,32 @@ def _bad_requests(image_data: bytes) -> list[tuple[str, dict, int, str]]:
          "unsupported content type 'text/plain'"),
         ("multipart without boundary", {"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
          400, "boundary"),
+        # issue 15.1: text no response can carry, or no path can hold, is refused up front, naming the field
+        ("lone surrogate in a class name", _raw_json('{"image_base64": "%s", "classes": ["sky", "\\ud800"]}' % b64),
+         422, "classes.1: Value error, must be valid Unicode text"),
+        ("NUL in image_uri", _raw_json('{"image_uri": "s3://b/a\\u0000b.jpg", "classes": ["sky"]}'), 422,
+         "image_uri: Value error, must not contain NUL"),
+        ("lone surrogate in image_uri", _raw_json('{"image_uri": "s3://b/\\udc80.jpg", "classes": ["sky"]}'), 422,
+         "image_uri: Value error, must be valid Unicode text"),
+        ("null image source", {"json": {"image_base64": b64, "image_uri": None, "classes": ["sky"]}}, 422,
+         "image_uri: Input should be a valid string"),
+        ("non-UTF-8 file name", _raw_multipart((b'name="image"; filename="\xff.jpg"', b"not an image"),
+                                               (b'name="classes"', b"sky")), 400, "cannot decode \ufffd.jpg"),
+        ("non-UTF-8 field name", _raw_multipart((b'name="image"', image_data), (b'name="cl\xffsses"', b"sky")), 422,
+         "unknown form field(s) cl\ufffdsses"),
     ]
+
+
+def _raw_json(text: str) -> dict:
+    """A JSON body as written (``\\ud800`` escapes survive: Python's json.loads turns them into lone surrogates)."""
+    return {"content": text.encode("ascii"), "headers": {"content-type": "application/json"}}
+
+
+def _raw_multipart(*parts: tuple[bytes, bytes]) -> dict:
+    """A multipart body of (Content-Disposition parameters, data) parts, bytes as given."""
+    body = b"".join(b"--XyZ\r\nContent-Disposition: form-data; " + disposition + b"\r\n\r\n" + data + b"\r\n"
+                    for disposition, data in parts) + b"--XyZ--\r\n"
+    return {"content": body, "headers": {"content-type": "multipart/form-data; boundary=XyZ"}}
 
 
 def test_bad_inputs_get_4xx_with_a_message_and_the_service_keeps_working(service, images, library):
@@ -269,6 +345,16 @@ def test_bad_inputs_get_4xx_with_a_message_and_the_service_keeps_working(service
     assert "500" not in after
     added = sum(after.values()) - sum(before.values())
     assert added == len(cases) + 1
+    assert int(after["422"]) - int(before.get("422", 0)) == sum(1 for case in cases if case[2] == 422)
+
+
+def test_a_body_json_cannot_carry_is_a_counted_json_500():
+    """What the ingress sends and counts: an unencodable body is a JSON 500, never an exception after the work."""
+    for body in ({"classes": ["\ud800"]}, {"fraction": float("nan")}):
+        status, content = render_json(200, body)
+        assert status == 500 and "could not be encoded" in json.loads(content)["detail"]
+    assert render_json(422, {"detail": "nom de classe « ciel »"}) == (422, '{"detail": "nom de classe « ciel »"}'.encode())
+    assert RequestError(400, "cannot decode \udcff.jpg").message == "cannot decode \\udcff.jpg"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -314,6 +400,50 @@ def test_replica_counts_and_region_batches_under_load(service, images, library):
     assert sum(observed["observed_batch_requests"].values()) >= 200
 
 
+def _running_replicas(app_name: str) -> dict[str, list[str]]:
+    from ray.serve.context import _get_global_client
+
+    deployments = _get_global_client().get_serve_details()["applications"][app_name]["deployments"]
+    return {name: sorted(r["replica_id"] for r in d["replicas"] if r["state"] == "RUNNING")
+            for name, d in deployments.items()}
+
+
+def test_redeploy_keeps_the_replicas_of_unchanged_stages(service, images, library):
+    """Issue 15.4: an identical config changes nothing; one stage's replica count changes only that stage."""
+    from ovseg_ray.serving import deploy
+
+    before = _running_replicas(service.config.app_name)
+    assert [len(before[name]) for name in ("OVSegIngress", "MaskProposer", "RegionClassifier")] == [1, 1, 2]
+    assert deploy(service.config) == service.url
+    assert _running_replicas(service.config.app_name) == before
+    one = service.config.classifier.model_copy(update={"num_replicas": 1})
+    deploy(service.config.model_copy(update={"classifier": one}))
+    after = _running_replicas(service.config.app_name)
+    assert {k: after[k] for k in ("OVSegIngress", "MaskProposer")} == {k: before[k] for k in ("OVSegIngress", "MaskProposer")}
+    assert len(after["RegionClassifier"]) == 1 and set(after["RegionClassifier"]) < set(before["RegionClassifier"])
+    deploy(service.config)  # two classifiers again for the tests that follow
+    assert len(_running_replicas(service.config.app_name)["RegionClassifier"]) == 2
+    response = service.http.post("/v1/segment", files={"image": ("x.jpg", images[1].data)}, data={"classes": "sky,car"})
+    np.testing.assert_array_equal(_labels(response.json()), library.segment(images[1].array, ["sky", "car"]).labels)
+
+
+def test_serve_refuses_replicas_that_the_ray_it_runs_on_cannot_hold(service, capsys):
+    """Issue 15.3: on a Ray that cannot grow, refuse up front (needed vs available, the flags that lower it)."""
+    from ray import serve
+
+    from ovseg_ray.cli import main
+
+    argv = ["serve", "--app-name", "too-big", "--route-prefix", "/too-big", "--http.port", str(service.config.http.port),
+            "--ingress.num-cpus", "1", "--proposer.num-cpus", "1", "--classifier.num-cpus", "0.5",
+            "--classifier.num-replicas", "2"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert ("the service's replicas (ingress 1 x 1 CPU, proposer 1 x 1 CPU, classifier 2 x 0.5 CPU) need 3 CPUs "
+            "(the cluster has 2) to start: lower --ingress.num-cpus") in err
+    assert "too-big" not in serve.status().applications
+
+
 # ------------------------------------------------------------------------------------------------
 # info, docs, client
 
@@ -330,7 +460,28 @@ def test_health_info_and_openapi_docs(service):
     spec = service.http.get("/openapi.json").json()
     content = spec["paths"]["/v1/segment"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(content)
-    assert {"200", "400", "413", "422"} <= set(spec["paths"]["/v1/segment"]["post"]["responses"])
+    assert {"200", "400", "413", "422", "500"} <= set(spec["paths"]["/v1/segment"]["post"]["responses"])
+
+
+def test_openapi_schema_says_what_the_service_accepts(service, images):
+    """Issue 15.5: the JSON schema refuses what the service refuses (no class, too many, no or two images)."""
+    import jsonschema
+
+    spec = service.http.get("/openapi.json").json()
+    schema = spec["paths"]["/v1/segment"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    classes = schema["properties"]["classes"]
+    assert (classes["minItems"], classes["maxItems"], classes["items"]["maxLength"]) == (1, 50, 60)  # this service's limits
+    form = spec["paths"]["/v1/segment"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert form["required"] == ["image", "classes"] and form["properties"]["classes"]["minLength"] == 1
+    b64 = base64.b64encode(images[0].data).decode()
+    bodies = [{"classes": ["sky"], "image_base64": b64}, {"classes": [], "image_base64": b64}, {"classes": ["sky"]},
+              {"classes": ["sky"], "image_base64": b64, "image_uri": "s3://b/k.jpg"},
+              {"classes": [f"c{i}" for i in range(51)], "image_base64": b64}, {"classes": ["sky", "sky"], "image_base64": b64},
+              {"classes": ["  "], "image_base64": b64}, {"classes": ["sky"], "image_base64": b64, "colour": 1}]
+    validator = jsonschema.Draft202012Validator(schema)
+    for body in bodies:
+        status = service.http.post("/v1/segment", json=body).status_code
+        assert validator.is_valid(body) == (status == 200), (body, status)
 
 
 def test_python_client(service, images, library, s3_bucket):
@@ -449,6 +600,17 @@ def test_uri_prefixes(tmp_path):
     assert not uri_allowed(str(tmp_path / ".." / "a.jpg"), allowed)
     assert not uri_allowed(str(tmp_path) + "-sibling/a.jpg", allowed)
     assert not uri_allowed("gs://images/a.jpg", allowed) and not uri_allowed("s3://images/a.jpg", [])
+    # issue 15.2: normalised and percent-decoded before the check, for every scheme; dot segments refused
+    web = ["http://host/public/", "s3://media/public"]
+    assert uri_allowed("http://host/public/a.jpg", web) and uri_allowed("HTTP://HOST/public/a%20b.jpg", web)
+    for escape in ("http://host/public/../private/a.jpg", "http://host/public/%2e%2e/private/a.jpg",
+                   "http://host/public/./../private/a.jpg", "http://host/public/.%2E/private/a.jpg",
+                   "http://host/public/%252e%252e/private/a.jpg", "http://host/public/..%5Cprivate/a.jpg",
+                   "http://host/public/..\\private/a.jpg", "s3://media/public/../private/a.jpg",
+                   "s3://media/public/%2e%2e/private/a.jpg", "http://host/public/.", "http://host/publicity/a.jpg",
+                   "http://host/public%2F..%2Fprivate/a.jpg", "http://other/public/a.jpg", "https://host/public/a.jpg"):
+        assert not uri_allowed(escape, web), escape
+    assert not uri_allowed(str(tmp_path / "a\x00.jpg"), allowed) and not uri_allowed("\udc80", allowed)
 
 
 def test_serve_config_validation_names_the_field(tmp_path):
@@ -475,10 +637,27 @@ def test_serve_config_validation_names_the_field(tmp_path):
             load_serve_config(str(path))
     from ovseg_ray.serving.app import deployment_options
 
-    options = deployment_options(ServeConfig().classifier)  # no Ray here: "auto" means no GPU
+    options = deployment_options("classifier", ServeConfig().classifier)  # no GPU in the session's Ray
     assert options["ray_actor_options"]["num_gpus"] == 0 and options["num_replicas"] == 1
     with pytest.raises(ValueError, match="no GPUs"):
-        deployment_options(ServeConfig(classifier={"num_gpus": 0.5}).classifier)
+        deployment_options("classifier", ServeConfig(classifier={"num_gpus": 0.5}).classifier)
+
+
+def test_application_builder_takes_nested_or_dotted_args():
+    """``serve run ovseg_ray.serving:app_builder limits.max-classes=5 ...`` and a deploy file's nested args."""
+    from ray.serve.deployment import Application
+
+    from ovseg_ray.serving import app_builder
+    from ovseg_ray.serving.app import app
+    from ovseg_ray.serving.config import config_from_app_args
+
+    config = config_from_app_args({"model": {"preset": "tiny", "seed": 3}, "model.seed": "4", "limits.max-classes": "5",
+                                   "limits.image-uri-prefixes": "s3://a/,s3://b/", "batching.max_batch_requests": "64"})
+    assert (config.model.preset, config.model.seed, config.limits.max_classes) == ("tiny", 4, 5)
+    assert config.limits.image_uri_prefixes == ["s3://a/", "s3://b/"]  # the classifier's options come from the file
+    with pytest.raises(ConfigError, match=r"application args: invalid config:\n  limits.max_classes"):
+        config_from_app_args({"limits.max-classes": "0"})
+    assert isinstance(app_builder({"model.preset": "tiny"}), Application) and isinstance(app, Application)
 
 
 def test_cluster_serve_config_is_a_valid_serve_deploy_file(tmp_path):
@@ -494,11 +673,29 @@ def test_cluster_serve_config_is_a_valid_serve_deploy_file(tmp_path):
     assert proposer is not None and classifier is not None and proposer != classifier
     assert config.proposer.num_gpus == 0.5 and config.classifier.num_gpus == 0.5
 
+    assert config.ingress.num_replicas == 2 and config.ingress.max_queued_requests == 256
+
+    # what `ovseg-ray serve` deploys is this file's own form, read back the same
+    from ovseg_ray.serving.config import STAGE_DEPLOYMENTS, application_entry
+
+    entry = application_entry(config, {stage: getattr(config, stage).num_gpus for stage in STAGE_DEPLOYMENTS})
+    written = tmp_path / "written.yaml"
+    written.write_text(yaml.safe_dump({**data, "applications": [entry]}))
+    assert load_serve_config(str(written)) == config
+
+    cases = [({"name": "RegionClassifier", "num_replicas": 3, "user_config": {}}, "RegionClassifier: user_config"),
+             ({"name": "RegionClassifier", "ray_actor_options": {"memory": 1}}, "ray_actor_options.memory"),
+             ({"name": "Classifier"}, "unknown deployment 'Classifier'")]
+    for deployment, message in cases:
+        data["applications"][0]["deployments"] = [deployment]
+        written.write_text(yaml.safe_dump(data))
+        with pytest.raises(ConfigError, match=message):
+            load_serve_config(str(written))
     data["applications"][0]["deployments"] = [{"name": "RegionClassifier", "num_replicas": 3}]
-    other = tmp_path / "deploy.yaml"
-    other.write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError, match="args.ingress / args.proposer / args.classifier"):
-        load_serve_config(str(other))
+    data["applications"][0]["args"]["classifier"] = {"num_replicas": 2}
+    written.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="the classifier stage is set twice"):
+        load_serve_config(str(written))
 
 
 def test_cli_serve_reports_config_errors(tmp_path, capsys):

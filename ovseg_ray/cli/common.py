@@ -1,8 +1,9 @@
-"""Arguments shared by several commands."""
+"""Arguments and checks shared by several commands."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -42,7 +43,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def read_class_names(classes: str | None, classes_file: str | None) -> list[str]:
     """Class names from ``--classes`` or ``--classes-file`` (one per line, blank lines skipped; or a .json
     class list, ``{"classes": [...]}``)."""
-    from ..models.text import clean_class_names, read_class_file
+    from ..models.text import clean_class_names, distinct_class_names, read_class_file
 
     if classes and classes_file:
         raise ValueError("give either --classes or --classes-file, not both")
@@ -54,7 +55,32 @@ def read_class_names(classes: str | None, classes_file: str | None) -> list[str]
         return read_class_file(classes_file)
     if classes is None:
         raise ValueError("no classes given: use --classes or --classes-file")
-    return clean_class_names([c for c in classes.split(",")] if classes.strip() else [])
+    return distinct_class_names([c for c in classes.split(",")] if classes.strip() else [])
+
+
+#: Set by Ray's job supervisor for a submitted job's entrypoint (``ray job submit``, a KubeRay RayJob).
+RAY_JOB_MARKER = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def refuse_relative_paths_in_job(paths: dict[str, str | list[str] | None]) -> None:
+    """Inside a Ray job, refuse relative local output/storage paths (``{field: path or paths}``).
+
+    A submitted job runs in Ray's temporary copy of ``--working-dir`` (``runtime_resources/
+    working_dir_files/_ray_pkg_*``), which Ray deletes after the job, and each node resolves a relative
+    path on its own disk: what is written there is lost. Outside a job a relative path is the usual
+    path from the current directory.
+    """
+    if RAY_JOB_MARKER not in os.environ:
+        return
+    from ..data import storage
+
+    for field, value in paths.items():
+        for path in [value] if isinstance(value, str) else value or []:
+            if not storage.is_remote(path) and not os.path.isabs(str(path).removeprefix("file://")):
+                raise ValueError(
+                    f"{field} {path!r} is a relative path, and this runs inside a Ray job: it would land in the "
+                    f"job's temporary working directory ({os.getcwd()}), which Ray deletes afterwards, on each "
+                    f"node's own disk; give an absolute path on storage every node shares, or an s3:// URI")
 
 
 def run_training(args: argparse.Namespace, config, train: Callable):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import config_from_args
-from .common import add_config_command
+from .common import add_config_command, refuse_relative_paths_in_job
 
 
 def register(subparsers) -> None:
@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.engine import run_evaluation
 
     config = config_from_args(args, EvalConfig)
+    refuse_relative_paths_in_job({"out": config.out})
     results = run_evaluation(config)
     print(f"wrote {config.out}/results.json and {config.out}/table.md")
     empty = [b for b, r in results["benchmarks"].items() if r["counts"]["evaluated"] == 0]

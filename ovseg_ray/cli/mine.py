@@ -13,7 +13,7 @@ import sys
 
 from ..config import config_from_args
 from ..mining.config import MiningConfig
-from .common import add_config_command
+from .common import add_config_command, refuse_relative_paths_in_job
 
 
 def register(subparsers) -> None:
@@ -22,11 +22,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..mining.pipeline import InjectedFailure, mine_pairs
+    from ..data.pair_store import OutputLayout
     from ..mining.nouns import load_nltk_resources
+    from ..mining.pipeline import InjectedFailure, MiningInterrupted, mine_pairs
     from ..raycluster import init_ray
 
     config = config_from_args(args, MiningConfig)
+    refuse_relative_paths_in_job({"output": config.output})
+    OutputLayout(config.output).check_output()  # before Ray starts, like the nltk check below
     load_nltk_resources()  # a missing nltk resource is reported before Ray starts
     init_ray(args.address)
     try:
@@ -34,5 +37,12 @@ def run(args: argparse.Namespace) -> int:
     except InjectedFailure as exc:
         print(f"error: {exc}; re-run the same command to finish the remaining shards", file=sys.stderr)
         return 1
+    except MiningInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before the pipeline started: nothing of this run was committed
+        print(f"interrupted before mining started; nothing was written by this run to {config.output}",
+              file=sys.stderr)
+        return 130
     print(result.summary_line())
     return 0

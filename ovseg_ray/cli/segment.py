@@ -6,7 +6,7 @@ import argparse
 import os
 import time
 
-from .common import add_model_arguments, read_class_names
+from .common import add_model_arguments, read_class_names, refuse_relative_paths_in_job
 
 
 def register(subparsers) -> None:
@@ -25,32 +25,43 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Every input gets its outputs or one ``error:`` line (unreadable, a folder, a name another input
+    already took); the run goes on and exits 1 if any failed."""
+    from ..data import storage
     from ..data.images import load_image
-    from ..inference import Segmenter, inference_settings
+    from ..inference import Segmenter, inference_settings, vocabulary
     from ..models.ovseg import build_model, load_preset
-    from ..outputs import write_segmentation
+    from ..models.text import distinct_class_names
+    from ..outputs import claim_stems, write_segmentation
 
     classes = read_class_names(args.classes, args.classes_file)
+    distinct_class_names(vocabulary(classes, args.mode))  # demo mode may append "others"
+    storage.check_output_folder(args.out)
+    refuse_relative_paths_in_job({"--out": args.out})
     config = load_preset(args.preset)
     inference_settings(config, args.mode, args.lam, args.mask_threshold)  # refuse bad settings before loading
+    inputs, clashes = claim_stems((uri, os.path.splitext(os.path.basename(uri.rstrip("/")))[0]) for uri in args.images)
+    for uri, _, reason in clashes:
+        print(f"error: {uri}: {reason}")
     model = build_model(config, weights=args.weights, clip_weights=args.clip_weights, device=args.device)
     segmenter = Segmenter(model)
-    failures = 0
-    for uri in args.images:
+    failures = len(clashes)
+    for uri, stem in inputs:
         start = time.perf_counter()
         try:
             image = load_image(uri)
-        except (FileNotFoundError, ValueError) as exc:
+        except storage.StorageUnreachableError:
+            raise  # every input would fail the same way
+        except (OSError, ValueError) as exc:  # missing, a folder, unreadable, undecodable
             print(f"error: {exc}")
             failures += 1
             continue
         result = segmenter.segment(image, classes, lam=args.lam, mask_threshold=args.mask_threshold, mode=args.mode)
-        stem = os.path.splitext(os.path.basename(uri.rstrip("/")))[0]
         paths = write_segmentation(args.out, stem, image, result)
         present = sorted(((f, c) for c, f in result.pixel_fractions().items() if f > 0), reverse=True)
         top = ", ".join(f"{c} {f:.0%}" for f, c in present[:5])
         print(f"{uri}: {image.shape[1]}x{image.shape[0]} -> {paths['label_png']} "
               f"({time.perf_counter() - start:.2f}s; {top})")
     print(f"segmented {len(args.images) - failures} of {len(args.images)} images into {args.out}"
-          + (f"; {failures} could not be read" if failures else ""))
+          + (f"; {failures} failed (the error lines above)" if failures else ""))
     return 1 if failures else 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import config_from_args
-from .common import add_config_command
+from .common import add_config_command, refuse_relative_paths_in_job
 
 
 def register(subparsers) -> None:
@@ -26,5 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.batch_segment import SegmentBatchConfig
     from ..evaluation.engine import run_segment_batch
 
-    summary = run_segment_batch(config_from_args(args, SegmentBatchConfig))
+    config = config_from_args(args, SegmentBatchConfig)
+    refuse_relative_paths_in_job({"out": config.out})
+    summary = run_segment_batch(config)
     return 1 if summary["errors"] and not (summary["segmented"] or summary["existing"]) else 0

@@ -14,7 +14,7 @@ import os
 
 from ..config import overrides_from_args
 from ..serving.config import ServeConfig, load_serve_config
-from .common import add_config_command
+from .common import add_config_command, refuse_relative_paths_in_job
 
 
 def register(subparsers) -> None:
@@ -24,6 +24,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = load_serve_config(args.config, overrides_from_args(args))
+    refuse_relative_paths_in_job({"limits.image_uri_prefixes": config.limits.image_uri_prefixes})
     from ..raycluster import init_ray
     from ..serving.app import deploy, serve_until_stopped
 

@@ -7,7 +7,6 @@ import io
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import storage
 
 Image.MAX_IMAGE_PIXELS = None  # the size limit is checked here, on the header, with a clear message
 
@@ -57,8 +56,11 @@ def decode_image(data: bytes, source: str = "image", max_pixels: int | None = DE
 
 
 def load_image(uri: str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Read and decode ``uri``; FileNotFoundError for a missing file, ImageDecodeError if unreadable."""
-    return decode_image(storage.read_bytes(uri), source=str(uri), max_pixels=max_pixels)
+    """Read and decode ``uri`` (also an image inside a tar or Parquet file: see ``image_text``);
+    FileNotFoundError for a missing file, ImageDecodeError if unreadable."""
+    from .image_text import read_image_bytes
+
+    return decode_image(read_image_bytes(str(uri)), source=str(uri), max_pixels=max_pixels)
 
 
 def encode_png(array: np.ndarray) -> bytes:

@@ -3,6 +3,8 @@
     OUT/pairs/shard-00000.parquet     PAIR_SCHEMA rows of the shard's images
     OUT/errors/shard-00000.parquet    ERROR_SCHEMA rows ("<reason code>: <detail>")
     OUT/shards/shard-00000.json       commit marker, written last, with the shard's counts
+    OUT/parts/shard-00000/*.parquet   a shard's rows while it is mined (workers write them; removed
+                                      once the shard is committed, ignored by everything else)
     OUT/manifest.json                 the settings that determine the output (its presence marks one)
     OUT/summary.json                  totals over all shards and the speed of the runs
 
@@ -23,7 +25,7 @@ import pyarrow.parquet as pq
 
 from ..config import ConfigError, settings_changes
 from . import storage
-from .coco import Shard, shard_name
+from .coco import shard_name
 from .pairs import ERROR_SCHEMA, PAIR_SCHEMA
 
 
@@ -71,24 +73,71 @@ class OutputLayout:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
         return {int(n[len("shard-"):-len(".json")]) for n in names if n.startswith("shard-") and n.endswith(".json")}
 
-    def write_shard(self, shard: Shard, pairs: pa.Table, errors: pa.Table, counts: dict) -> None:
+    def read_markers(self) -> list[dict]:
+        """The commit markers (shard counts) of every committed shard, fetched concurrently."""
+        indices = sorted(self.completed_shards())
+        if not indices:
+            return []
+        fs, _ = storage.filesystem(self.root)
+        paths = [storage.filesystem(self.path("shards", f"{shard_name(i)}.json"))[1] for i in indices]
+        found = fs.cat(paths)
+        return [json.loads(found[path]) for path in paths]
+
+    def write_shard(self, index: int, pairs: pa.Table, errors: pa.Table, counts: dict) -> None:
         """Errors, then pairs, then the marker: the shard is done only once all three exist."""
-        storage.write_bytes(self.shard_file("errors", shard.index), _parquet_bytes(errors))
-        storage.write_bytes(self.shard_file("pairs", shard.index), _parquet_bytes(pairs))
-        storage.write_text(self.path("shards", f"{shard.name}.json"), json.dumps(counts, sort_keys=True))
+        storage.write_bytes(self.shard_file("errors", index), _parquet_bytes(errors))
+        storage.write_bytes(self.shard_file("pairs", index), _parquet_bytes(pairs))
+        storage.write_text(self.path("shards", f"{shard_name(index)}.json"), json.dumps(counts, sort_keys=True))
+
+    def part_file(self, index: int, name: str) -> str:
+        """A part of shard ``index`` written while it is mined (one per pipeline batch)."""
+        return self.path("parts", shard_name(index), f"{name}.parquet")
+
+    def write_part(self, index: int, name: str, table: pa.Table) -> str:
+        uri = self.part_file(index, name)
+        storage.write_bytes(uri, _parquet_bytes(table))
+        return uri
+
+    def read_parts(self, uris: Iterable[str]) -> list[pa.Table]:
+        tables = []
+        for uri in uris:
+            fs, path = storage.filesystem(uri)
+            with fs.open(path, "rb") as handle:
+                tables.append(pq.read_table(handle))
+        return tables
+
+    def remove_parts(self, index: int) -> None:
+        """Every part of shard ``index``: this run's, and those a crashed run left behind."""
+        fs, path = storage.filesystem(self.path("parts", shard_name(index)))
+        fs.invalidate_cache()
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+    def check_output(self) -> None:
+        """Refuse an output that names an existing file (a folder or prefix is expected)."""
+        fs, path = storage.filesystem(self.root)
+        if fs.exists(path) and fs.isfile(path):
+            raise ConfigError(f"output {self.root} is an existing file; give a folder (or s3:// prefix) for the "
+                              f"mined pairs")
 
     def check_manifest(self, settings: dict[str, Any]) -> None:
-        """Write manifest.json, or refuse when an existing one was made with other settings."""
+        """Refuse to add to an output whose committed shards were mined with other settings.
+
+        An output without any committed shard (a refused or crashed first run) takes new settings.
+        Nothing is written here: :meth:`write_manifest` records the settings once the run can start.
+        """
         uri = self.path(MANIFEST_FILE)
-        if storage.exists(uri):
-            previous = json.loads(storage.read_bytes(uri))
-            changed = settings_changes(previous, settings)
-            if changed:
-                raise ConfigError(
-                    f"output {self.root} holds pairs mined with other settings ({'; '.join(changed)}); "
-                    f"use a new output folder or restore those settings to resume")
+        if not storage.exists(uri):
             return
-        storage.write_text(uri, json.dumps(settings, indent=2, sort_keys=True))
+        previous = json.loads(storage.read_bytes(uri))
+        changed = settings_changes(previous, settings)
+        if changed and self.completed_shards():
+            raise ConfigError(
+                f"output {self.root} holds pairs mined with other settings ({'; '.join(changed)}); "
+                f"use a new output folder or restore those settings to resume")
+
+    def write_manifest(self, settings: dict[str, Any]) -> None:
+        storage.write_text(self.path(MANIFEST_FILE), json.dumps(settings, indent=2, sort_keys=True))
 
     def read_table(self, kind: Literal["pairs", "errors"], shards: Iterable[int] | None = None,
                    columns: list[str] | None = None) -> pa.Table:

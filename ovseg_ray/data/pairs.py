@@ -24,6 +24,12 @@ PAIR_SCHEMA = pa.schema([
     ("proposal_weights", pa.string()),  # weights URI, "" for the preset's random weights
     ("clip_model", pa.string()),
     ("clip_weights", pa.string()),
+    # Quality signals (ovseg_ray.mining.quality); training reads none of them.
+    ("area_fraction", pa.float32()),  # mask pixels / image pixels
+    ("score_margin", pa.float32()),  # score minus the noun's second-best proposal's; null with one region
+    ("objectness", pa.float32()),  # the proposal's MaskFormer objectness (1 - p(no object))
+    ("caption_index", pa.int32()),  # which of the image's captions the noun came from
+    ("duplicate_of", pa.string()),  # the compound this head noun duplicates on the same mask, else ""
 ])
 
 ERROR_SCHEMA = pa.schema([

@@ -32,7 +32,7 @@ from .config import ComputeConfig
 from ..config import ModelConfig, StrictModel
 from ..data.images import ImageDecodeError, decode_image
 from ..device import is_device_failure
-from ..outputs import OUTPUT_SUFFIXES, result_summary, segmentation_paths, write_segmentation
+from ..outputs import OUTPUT_SUFFIXES, claim_stems, result_summary, segmentation_paths, write_segmentation
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 RUN_FILE = "run.yaml"  # not .json: no image output can be named like it
@@ -81,9 +81,14 @@ class SegmentBatchConfig(StrictModel):
 
 
 def resolve_classes(config: SegmentBatchConfig) -> list[str]:
-    from ..models.text import clean_class_names, read_class_file
+    """The vocabulary, each name once (the rule of ``segment`` and the service), also after demo mode
+    appends "others" to a single name."""
+    from ..inference import vocabulary
+    from ..models.text import distinct_class_names, read_class_file
 
-    return read_class_file(config.classes_file) if config.classes_file else clean_class_names(config.classes)
+    classes = read_class_file(config.classes_file) if config.classes_file else distinct_class_names(config.classes)
+    distinct_class_names(vocabulary(classes, config.mode))
+    return classes
 
 
 def output_paths(out: str, stem: str) -> dict[str, str]:
@@ -110,23 +115,17 @@ def _normalise(uri: str) -> str:
 def list_inputs(input_uri: str, out: str) -> tuple[list[dict], list[dict]]:
     """Images under ``input_uri`` as rows ``{image_uri, stem}``, plus rows for images that would
     overwrite another image's outputs (same path, other extension). Files under ``out`` are left out."""
+    storage.check_output_folder(out, "out")
     root = _normalise(input_uri)
     files = storage.list_files(root, suffixes=IMAGE_SUFFIXES)
     out_root = _normalise(out)
     if out_root.rstrip("/") == root.rstrip("/"):
         raise ValueError(f"the output folder must differ from the input folder ({input_uri})")
     skip_out = _inside(out_root, root)  # outputs inside the input: never take them for inputs
-    rows, clashes, owners = [], [], {}
-    for uri in files:
-        if skip_out and _inside(uri, out_root):
-            continue
-        stem = os.path.splitext(_relative(uri, root))[0]
-        if stem in owners:
-            clashes.append({"image_uri": uri, "stem": stem,
-                            "reason": f"outputs would overwrite those of {owners[stem]} (same name)"})
-            continue
-        owners[stem] = uri
-        rows.append({"image_uri": uri, "stem": stem})
+    kept, refused = claim_stems((uri, os.path.splitext(_relative(uri, root))[0]) for uri in files
+                                if not (skip_out and _inside(uri, out_root)))
+    rows = [{"image_uri": uri, "stem": stem} for uri, stem in kept]
+    clashes = [{"image_uri": uri, "stem": stem, "reason": reason} for uri, stem, reason in refused]
     if not rows and not clashes:
         raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {input_uri}")
     return rows, clashes
@@ -163,7 +162,7 @@ def error_row(image_uri: str, stem: str, reason: str) -> dict:
 
 @dataclass
 class SegmentTask:
-    """Per image: decode, :meth:`Segmenter.segment`, write the ``segment`` outputs, emit the index row."""
+    """Per batch: decode, :meth:`Segmenter.segment_many`, write each image's ``segment`` outputs and index row."""
 
     out: str
     classes: list[str]
@@ -173,25 +172,50 @@ class SegmentTask:
     output_schema = RESULT_SCHEMA
 
     def process(self, segmenter, row: dict) -> list[dict]:
-        if row["image_uri_error"]:
-            return [error_row(row["image_uri"], row["stem"], row["image_uri_error"])]
+        return self.process_batch(segmenter, [row])
+
+    def process_batch(self, segmenter, rows: list[dict]) -> list[dict]:
+        """The index rows of a batch: its readable images segmented together (:meth:`Segmenter.segment_many`);
+        if that fails on an input, each image alone, so that only the bad one becomes an error row."""
+        out: list[list[dict]] = [[] for _ in rows]
+        ready = []  # (position, image) of the rows that decoded
+        for position, row in enumerate(rows):
+            if row["image_uri_error"]:
+                out[position] = [error_row(row["image_uri"], row["stem"], row["image_uri_error"])]
+                continue
+            try:
+                ready.append((position, decode_image(row["image_uri_bytes"], source=row["image_uri"])))
+            except ImageDecodeError as exc:
+                out[position] = [error_row(row["image_uri"], row["stem"], str(exc))]
+        results = self._segment([image for _, image in ready], segmenter) if len(ready) > 1 else None
+        for n, (position, image) in enumerate(ready):
+            row = rows[position]
+            result = results[n] if results else self._segment([image], segmenter)
+            if isinstance(result, list):
+                result = result[0]
+            if isinstance(result, str):
+                out[position] = [error_row(row["image_uri"], row["stem"], result)]
+                continue
+            try:
+                write_segmentation(self.out, row["stem"], image, result)
+            except OSError as exc:  # e.g. a full disk or a refused S3 write: record it, go on
+                out[position] = [error_row(row["image_uri"], row["stem"], f"cannot write outputs: {exc}")]
+                continue
+            out[position] = [result_row(row["image_uri"], row["stem"], self.out, result_summary(result), "segmented")]
+        return [item for items in out for item in items]
+
+    def _segment(self, images: list, segmenter):
+        """The results of ``images``, or for an input the model cannot take, the reason (a string);
+        a failure of the GPU is raised (a re-run picks the images up)."""
+        options = {"lam": self.lam, "mask_threshold": self.mask_threshold, "mode": self.mode}
         try:
-            image = decode_image(row["image_uri_bytes"], source=row["image_uri"])
-        except ImageDecodeError as exc:
-            return [error_row(row["image_uri"], row["stem"], str(exc))]
-        try:
-            result = segmenter.segment(image, self.classes, lam=self.lam, mask_threshold=self.mask_threshold,
-                                       mode=self.mode)
+            if len(images) == 1:  # one image: Segmenter.segment (the same computation)
+                return [segmenter.segment(images[0], self.classes, **options)]
+            return segmenter.segment_many(images, self.classes, **options)
         except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. an image the model cannot take
             if is_device_failure(exc):
-                raise  # the GPU's fault, not the image's: fail the run; a re-run picks it up
-            return [error_row(row["image_uri"], row["stem"], f"segmentation failed: {type(exc).__name__}: {exc}")]
-        try:
-            write_segmentation(self.out, row["stem"], image, result)
-        except OSError as exc:  # e.g. a full disk or a refused S3 write: record it, go on
-            return [error_row(row["image_uri"], row["stem"], f"cannot write outputs: {exc}")]
-        summary = result_summary(result)
-        return [result_row(row["image_uri"], row["stem"], self.out, summary, "segmented")]
+                raise
+            return None if len(images) > 1 else f"segmentation failed: {type(exc).__name__}: {exc}"
 
 
 def existing_rows(batch: pa.Table, out: str) -> pa.Table:
@@ -208,7 +232,7 @@ def existing_rows(batch: pa.Table, out: str) -> pa.Table:
 
 
 def _run_record(config: SegmentBatchConfig, classes: list[str]) -> dict:
-    return {"classes": classes, "model": config.model.model_dump(exclude={"device"}),
+    return {"classes": classes, "model": config.model.model_dump(exclude={"device", "max_regions_per_forward"}),
             "ensemble_lambda": config.ensemble_lambda, "mask_threshold": config.mask_threshold, "mode": config.mode}
 
 

@@ -76,15 +76,18 @@ class SegmenterActor:
     def __init__(self, model: ModelConfig, task: ImageTask):
         from ..raycluster import worker_device
         from ..inference import Segmenter
-        from ..models.ovseg import build_model
 
-        device = worker_device(model.device)
-        self.segmenter = Segmenter(build_model(model.preset, weights=model.weights, device=device, seed=model.seed))
+        self.segmenter = Segmenter.from_config(model, device=worker_device(model.device))
         self.task = task
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [out for row in batch.to_pylist() for out in self.task.process(self.segmenter, row)]
-        return pa.Table.from_pylist(rows, schema=self.task.output_schema)
+        """The task's rows for the batch: in one go where the task batches its images (``process_batch``)."""
+        rows = batch.to_pylist()
+        if hasattr(self.task, "process_batch"):
+            out = self.task.process_batch(self.segmenter, rows)
+        else:
+            out = [result for row in rows for result in self.task.process(self.segmenter, row)]
+        return pa.Table.from_pylist(out, schema=self.task.output_schema)
 
 
 def inference_stage(items: list[dict], model: ModelConfig, compute: ComputeConfig, task: ImageTask,

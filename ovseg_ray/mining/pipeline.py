@@ -2,34 +2,31 @@
 
 Pipeline, one row per image::
 
-    from_items(images of the shards still to do)
-      -> map_batches(prepare_images)            tasks: caption nouns (nltk), read + decode image
+    coco: from_items(images of the shards still to do)    parquet / webdataset: Ray Data's
+      |                                                   read_parquet / read_webdataset of the
+      |                                                   files of those shards -> items (tasks)
+      -> map_batches(prepare_images)            tasks: caption nouns (nltk), decode image
       -> map_batches(ProposalStage)              actor pool 1: MaskFormer -> masks at image size
       -> map_batches(MatchingStage)              actor pool 2: masked CLIP, noun -> best mask
-      -> driver: collects finished shards, writes each one atomically
+      -> map_batches(write_parts)                tasks: each batch's rows as part files per shard
+      -> driver: (shard, images, part) counts only; commit tasks merge a shard's parts once all
+         its images are in (a file shard's size is counted by a worker task, alongside)
 
 Every image leaves the pipeline as exactly one row, with its pairs or its error (missing or
-corrupt image, caption without nouns, no valid proposal, ...): bad input never stops the run.
+corrupt image, caption without nouns, no valid proposal, ...): bad input never stops the run. A
+whole input file that is not a readable Parquet/tar stops it with a one-line error naming the file
+(the shards committed so far are kept).
 
-Output layout (local folder or ``s3://`` prefix)::
-
-    OUT/pairs/shard-00000.parquet     PAIR_SCHEMA rows of the shard's images
-    OUT/errors/shard-00000.parquet    ERROR_SCHEMA rows ("<reason code>: <detail>")
-    OUT/shards/shard-00000.json       commit marker, written last, with the shard's counts
-    OUT/manifest.json                 the settings that determine the output
-    OUT/summary.json                  totals over all shards, wall time, images/s of this run
-    OUT/ray_data_stats.txt            Ray Data's stats of the last run (both actor pools)
-
-Resume and idempotence: deterministic per-shard output names, not Ray Data's checkpointing.
-A shard counts as done when its marker exists; a re-run skips done shards and redoes the others,
-overwriting whatever a crashed run left of them under the same names, so each pair is written
-exactly once. Each file is a single atomic write (rename locally, one PUT on S3). Ray Data's
-built-in checkpointing (``DataContext.checkpoint_config``) does not fit this job: it needs an id
-column that is unique per output row and survives every operator, but mining turns one image into
-zero or many pair rows plus rows of a second (errors) table; it commits per write task, so an
-image whose rows straddle two write tasks can be marked done with half its pairs lost; and an
-image that yields no pair would never be checkpointed and would be recomputed on every resume.
-``manifest.json`` makes a re-run with different output-changing settings fail instead of mixing.
+The output layout and commit protocol are :mod:`ovseg_ray.data.pair_store`'s; the part files and
+commits are :mod:`ovseg_ray.mining.shards`'. Resume and idempotence: deterministic per-shard output
+names, not Ray Data's checkpointing. A shard counts as done when its marker exists; a re-run skips
+done shards and redoes the others, so each pair is written exactly once. Ray Data's built-in
+checkpointing (``DataContext.checkpoint_config``) does not fit this job: it needs an id column that
+is unique per output row and survives every operator, but mining turns one image into zero or many
+pair rows plus rows of a second (errors) table; it commits per write task, so an image whose rows
+straddle two write tasks can be marked done with half its pairs lost; and an image that yields no
+pair would never be checkpointed and would be recomputed on every resume. ``manifest.json`` makes
+a re-run with different output-changing settings fail instead of mixing.
 
 Loading runs as its own task operator: its memory reservation (``load_memory_mb``) keeps Ray Data
 from fusing it into the proposal actors, which it does for operators with identical resource
@@ -44,41 +41,25 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from ..config import ConfigError
 from ..data import storage
-from ..data.coco import CocoCaptions, Shard
+from ..data.image_text import UnreadableInput, count_images
 from ..data.pair_store import OutputLayout
 from .config import MiningConfig
-from .stages import MatchingStage, ProposalStage, ShardCollector, load_model_config, prepare_images, reason_code
+from .shards import commit_shard, write_parts
+from .sources import (InputPlan, ShardPlan, coco_items, parquet_items, plan_input, strip_scheme,
+                      webdataset_items)
+from .stages import MatchingStage, ProposalStage, load_model_config, prepare_images
+from .summary import InjectedFailure, MiningInterrupted, MiningResult, RunProgress, summarize
+
+__all__ = ["InjectedFailure", "MiningInterrupted", "MiningResult", "PoolPlan", "mine_pairs", "plan_pools"]
 
 logger = logging.getLogger(__name__)
 
-
-class InjectedFailure(RuntimeError):
-    """Raised by ``fail_after_shards``: simulates a crash part-way through a run."""
-
-
-# ----------------------------------------------------------------------------------------------
-# The run
-
-
-@dataclass
-class MiningResult:
-    summary: dict[str, Any]
-    stats: str = ""  # Ray Data's stats of this run ("" when every shard was already done)
-    shards_written: list[int] = field(default_factory=list)
-
-    def summary_line(self) -> str:
-        s = self.summary
-        errors = ", ".join(f"{k} {v}" for k, v in sorted(s["errors_by_reason"].items())) or "none"
-        return (f"mined {s['pairs']} pairs ({s['unique_nouns']} unique nouns) from {s['images_with_pairs']} of "
-                f"{s['images_in']} images in {s['shards']} shards ({s['shards_skipped']} already done) in "
-                f"{s['wall_time_s']:.1f}s ({s['images_per_s']:.2f} images/s); {s['errors']} errors ({errors}) "
-                f"-> {s['output']}")
+COUNTS_IN_FLIGHT = 8  # file shards being counted at once (small tasks, 0 CPUs: never wait on the pools)
+WRITE_NUM_CPUS = 0.05  # the part-writing tasks: IO, a few milliseconds per batch
 
 
 @dataclass(frozen=True)
@@ -91,6 +72,16 @@ class PoolPlan:
     num_cpus: float
     num_gpus: float
     batch_size: int
+    initial_actors: int | None = None
+    max_tasks_in_flight_per_actor: int | None = None
+
+    def strategy(self):
+        """Ray Data's ``ActorPoolStrategy`` of the pool."""
+        import ray.data
+
+        return ray.data.ActorPoolStrategy(min_size=self.min_actors, max_size=self.max_actors,
+                                          initial_size=self.initial_actors,
+                                          max_tasks_in_flight_per_actor=self.max_tasks_in_flight_per_actor)
 
     def describe(self) -> str:
         return (f"{self.name}: {self.min_actors}-{self.max_actors} actors, {self.num_cpus:g} CPU + "
@@ -107,7 +98,7 @@ def plan_pools(config: MiningConfig) -> tuple[PoolPlan, PoolPlan]:
 
     pools = tuple(
         PoolPlan(name, stage.min_actors, stage.max_actors, stage.num_cpus, resolve_num_gpus(stage.num_gpus),
-                 stage.batch_size)
+                 stage.batch_size, stage.initial_actors, stage.max_tasks_in_flight_per_actor)
         for name, stage in (("ProposalStage", config.proposals), ("MatchingStage", config.matching))
     )
     need_cpus = sum(p.min_actors * p.num_cpus for p in pools) + config.load_num_cpus
@@ -123,38 +114,75 @@ def plan_pools(config: MiningConfig) -> tuple[PoolPlan, PoolPlan]:
     return pools
 
 
-def build_pipeline(config: MiningConfig, shards: list[Shard], threshold: float,
-                   pools: tuple[PoolPlan, PoolPlan]):
-    """The lazy Ray Data dataset of the shards' images, one output row per image."""
+def _arrow_filesystem(files: list[str]):
+    """The files for Ray Data's readers: s3:// through our s3fs settings (AWS_* variables), wrapped
+    for pyarrow; local paths as they are."""
+    if not files or not storage.is_remote(files[0]):
+        return None, files
+    import pyarrow.fs
+
+    fs, _ = storage.filesystem(files[0])
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), [strip_scheme(f) for f in files]
+
+
+def read_items(config: MiningConfig, plan: InputPlan, todo: list[ShardPlan], batch_size: int):
+    """The lazy dataset of the items of the shards still to do (:data:`ITEM_SCHEMA` rows)."""
     import ray.data
 
     from ..raycluster import items_dataset
 
-    items = [{"shard": shard.index, "image_id": image.image_id, "image_uri": image.uri,
-              "captions": list(image.captions)} for shard in shards for image in shard.images]
-    ds = items_dataset(items, min(config.proposals.batch_size, config.matching.batch_size))
+    if config.format == "coco":
+        return items_dataset(coco_items(plan, todo, config.shard_size), batch_size)
+    files = [file for shard in todo for file in shard.files]
+    shard_of = {strip_scheme(file): (shard.index, file) for shard in todo for file in shard.files}
+    filesystem, paths = _arrow_filesystem(files)
+    columns = config.columns
+    if config.format == "parquet":
+        wanted = list(dict.fromkeys(c for c in (columns.image, columns.caption, columns.key) if c))
+        ds = ray.data.read_parquet(paths, filesystem=filesystem, include_paths=True).select_columns([*wanted, "path"])
+        convert, kwargs = parquet_items, {"image_column": columns.image, "caption_column": columns.caption,
+                                          "key_column": columns.key, "images_root": config.images}
+    else:
+        ds = ray.data.read_webdataset(paths, filesystem=filesystem, decoder=None, include_paths=True)
+        convert, kwargs = webdataset_items, {"caption_field": columns.caption,
+                                             "image_extensions": list(columns.image_extensions)}
+    return ds.map_batches(convert, batch_format="pyarrow", num_cpus=config.load_num_cpus,
+                          fn_kwargs={"shard_of": shard_of, "captions_per_image": config.captions_per_image, **kwargs})
+
+
+def build_pipeline(config: MiningConfig, plan: InputPlan, todo: list[ShardPlan], threshold: float,
+                   pools: tuple[PoolPlan, PoolPlan], output: str):
+    """The lazy Ray Data dataset of the shards' images, one small count row per part file written."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    for name, value in config.autoscaling.ray_data_settings().items():
+        setattr(context.autoscaling_config, name, value)
+    batch_size = min(config.proposals.batch_size, config.matching.batch_size)
+    ds = read_items(config, plan, todo, batch_size)
     # The memory reservation also keeps Ray Data from fusing loading into the proposal actors (it
     # fuses operators whose resource requests are identical), so images decode on spare CPUs in
     # parallel with the models rather than inside the proposal actors.
     ds = ds.map_batches(
-        prepare_images, batch_size=None, batch_format="pyarrow", num_cpus=config.load_num_cpus,
+        prepare_images, batch_size=batch_size, batch_format="pyarrow", num_cpus=config.load_num_cpus,
         memory=config.load_memory_mb * 2**20 or None,
         fn_kwargs={"compounds": config.nouns.compounds, "extra_blocklist": list(config.nouns.extra_blocklist),
                    "max_image_pixels": config.max_image_pixels},
     )
     stages = (
         (ProposalStage, config.proposals, {"threshold": threshold, "min_pixels": config.min_mask_pixels}),
-        (MatchingStage, config.matching, {"min_score": config.min_score}),
+        (MatchingStage, config.matching, {"min_score": config.min_score, "filters": config.filters.model_dump()}),
     )
     for (stage_cls, stage, extra), pool in zip(stages, pools):
-        kwargs = {"preset": stage.preset, "weights": stage.weights, "seed": config.seed,
+        kwargs = {"preset": stage.preset, "weights": stage.weights, "seed": config.seed, "precision": stage.precision,
                   "device": "cuda" if pool.num_gpus > 0 else "cpu", "threads": int(pool.num_cpus), **extra}
         ds = ds.map_batches(
             stage_cls, batch_size=pool.batch_size, batch_format="pyarrow", fn_constructor_kwargs=kwargs,
-            compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+            compute=pool.strategy(),
             num_gpus=pool.num_gpus, num_cpus=pool.num_cpus,
         )
-    return ds
+    return ds.map_batches(write_parts, batch_size=None, batch_format="pyarrow", num_cpus=WRITE_NUM_CPUS,
+                          fn_kwargs={"output": output})
 
 
 def _verbose_stats(ds) -> str:
@@ -170,77 +198,115 @@ def _verbose_stats(ds) -> str:
         context.verbose_stats_logs = previous
 
 
-def summarize(layout: OutputLayout, dataset: CocoCaptions, num_shards: int, skipped: int,
-              processed_images: int, wall_time: float) -> dict[str, Any]:
-    """Totals over every committed shard (read back from the Parquet files) plus this run's speed."""
-    done = layout.completed_shards()  # listed once: each listing is a round trip on S3
-    pairs = layout.read_table("pairs", shards=done, columns=["image_id", "noun"])
-    errors = layout.read_table("errors", shards=done, columns=["image_id", "reason"])
-    by_reason = Counter(reason_code(r) for r in errors.column("reason").to_pylist())
-    return {
-        "output": layout.root,
-        "images_in": len(dataset),
-        "shards": num_shards,
-        "shards_done": len(done),
-        "shards_skipped": skipped,
-        "complete": len(done) >= num_shards,
-        "images_with_pairs": len(set(pairs.column("image_id").to_pylist())),
-        "pairs": pairs.num_rows,
-        "unique_nouns": len(set(pairs.column("noun").to_pylist())),
-        "errors": errors.num_rows,
-        "errors_by_reason": dict(sorted(by_reason.items())),
-        "images_processed": processed_images,
-        "wall_time_s": round(wall_time, 3),
-        "images_per_s": round(processed_images / wall_time, 3) if wall_time > 0 else 0.0,
-    }
+def count_shard(files: tuple[str, ...]) -> int | str:
+    """Worker task: the images of a file shard, or the one-line reason its input is unreadable."""
+    try:
+        return sum(count_images(file) for file in files)
+    except UnreadableInput as exc:
+        return str(exc)
 
 
-@dataclass
-class _RunProgress:
-    written: list[int] = field(default_factory=list)
-    processed: int = 0
-    first_output: float | None = None  # perf_counter of the first batch out of the pipeline
-    first_batch_rows: int = 0
-    last_output: float | None = None
+class ShardCommitter:
+    """Driver side of the commit protocol: per-shard counts only (images seen, part names, size).
 
-    def steady_rate(self) -> float | None:
-        """Images/s after the first batch came out (start-up excluded), if more batches followed."""
-        if self.first_output is None or self.last_output <= self.first_output:
-            return None
-        return (self.processed - self.first_batch_rows) / (self.last_output - self.first_output)
+    A file shard's size comes from a counting task started here; a shard whose images are all in
+    is committed by a worker task (:func:`commit_shard`)."""
+
+    def __init__(self, todo: list[ShardPlan], layout: OutputLayout, provenance: dict[str, str],
+                 config: MiningConfig, progress: RunProgress):
+        import ray
+
+        self.plans = {shard.index: shard for shard in todo}
+        self.expected = {shard.index: shard.expected for shard in todo}
+        self.seen = dict.fromkeys(self.plans, 0)
+        self.parts: dict[int, list[str]] = {index: [] for index in self.plans}
+        self.to_count = [shard for shard in todo if shard.expected is None]
+        self.counting: dict = {}  # ObjectRef -> shard index
+        self.committing: dict = {}
+        self.layout, self.provenance, self.config, self.progress = layout, provenance, config, progress
+        self._count = ray.remote(num_cpus=0)(count_shard)
+        self._commit = ray.remote(num_cpus=0, max_retries=3)(commit_shard)
+        self.poll()
+
+    def add(self, shard: int, images: int, part: str) -> None:
+        if shard not in self.expected:
+            raise RuntimeError(f"{images} images arrived for shard {shard}, which is not being mined or is complete")
+        expected = self.expected[shard]
+        if expected is not None and self.seen[shard] + images > expected:
+            raise RuntimeError(f"{images} more images arrived for shard {shard} than its {expected}")
+        self.seen[shard] += images
+        self.parts[shard].append(part)
+        self.progress.batch_out(images)
+
+    def poll(self, wait: bool = False) -> None:
+        """Take in finished counts and commits, start new ones; ``wait`` blocks for at least one."""
+        import ray
+
+        while self.to_count and len(self.counting) < COUNTS_IN_FLIGHT:
+            shard = self.to_count.pop(0)
+            self.counting[self._count.remote(shard.files)] = shard.index
+        pending = [*self.counting, *self.committing]
+        if pending:
+            done, _ = ray.wait(pending, num_returns=1 if wait else len(pending), timeout=None if wait else 0)
+            for ref in done:
+                if ref in self.counting:
+                    self._counted(self.counting.pop(ref), ray.get(ref))
+                else:
+                    self._committed(self.committing.pop(ref), ray.get(ref))
+        for index in [i for i, n in self.expected.items() if n is not None and self.seen[i] == n]:
+            self._start_commit(index)
+
+    def _counted(self, index: int, result: int | str) -> None:
+        if isinstance(result, str):
+            raise UnreadableInput(f"{result}; the {len(self.progress.written)} shards committed by this run are "
+                                  f"kept: fix or remove the file, then re-run")
+        self.expected[index] = result
+
+    def _start_commit(self, index: int) -> None:
+        plan = self.plans[index]
+        del self.expected[index]  # committing: never started twice
+        ref = self._commit.remote(self.layout.root, index, self.parts.pop(index), self.provenance, plan.marker())
+        self.committing[ref] = index
+        if self.config.fail_after_shards is not None:  # testing: commits one at a time, for a precise crash
+            import ray
+
+            self._committed(self.committing.pop(ref), ray.get(ref))
+
+    def _committed(self, index: int, counts: dict) -> None:
+        self.progress.written.append(index)
+        logger.info("shard %d committed: %d images, %d pairs, %d errors (%d of %d shards of this run)", index,
+                    counts["images"], counts["pairs"], counts["errors"], len(self.progress.written), len(self.plans))
+        limit = self.config.fail_after_shards
+        if limit is not None and len(self.progress.written) >= limit:
+            raise InjectedFailure(f"injected failure after {len(self.progress.written)} shards "
+                                  f"(fail_after_shards={limit})")
+
+    def finish(self) -> None:
+        """After the stream: wait for the last counts and commits; every shard must be complete."""
+        while self.counting or self.committing or self.to_count:
+            self.poll(wait=True)
+        missing = {i: f"{self.seen[i]} of {n}" for i, n in self.expected.items()}
+        if missing:
+            raise RuntimeError(f"the pipeline ended with shards incomplete ({missing} images); re-run to finish them")
 
 
-def _collect_and_write(ds, collector: ShardCollector, layout: OutputLayout, config: MiningConfig,
-                       progress: _RunProgress) -> None:
-    """Driver loop: stream the pipeline's rows, write every shard as soon as its last image is in."""
+def _stream(ds, committer: ShardCommitter) -> None:
+    """Driver loop: the pipeline's count rows in, commits out."""
     batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
     try:
         for batch in batches:
-            progress.last_output = time.perf_counter()
-            if progress.first_output is None:
-                progress.first_output, progress.first_batch_rows = progress.last_output, batch.num_rows
             for row in batch.to_pylist():
-                shard = collector.add(row)
-                progress.processed += 1
-                if shard is None:
-                    continue
-                pairs, errors = collector.pop(shard)
-                counts = {"shard": shard.index, "images": len(shard.images), "pairs": pairs.num_rows,
-                          "errors": errors.num_rows, "first_image_id": shard.image_ids[0],
-                          "last_image_id": shard.image_ids[-1]}
-                layout.write_shard(shard, pairs, errors, counts)
-                progress.written.append(shard.index)
-                logger.info("%s written: %d images, %d pairs, %d errors (%d of %d shards of this run)", shard.name,
-                            len(shard.images), pairs.num_rows, errors.num_rows, len(progress.written),
-                            len(collector.shards))
-                if config.fail_after_shards is not None and len(progress.written) >= config.fail_after_shards:
-                    raise InjectedFailure(f"injected failure after {len(progress.written)} shards "
-                                          f"(fail_after_shards={config.fail_after_shards})")
+                committer.add(row["shard"], row["images"], row["part"])
+            committer.poll()
+    except Exception:
+        # A reader failing on a damaged file: report the file if its count names it.
+        deadline = time.time() + 60
+        while committer.counting and time.time() < deadline:
+            committer.poll(wait=True)
+        raise
     finally:
         batches.close()  # shuts the streaming executor (and its actors) down, on success or failure
-    missing = [index for index, left in collector.remaining.items() if left]
-    if missing:
-        raise RuntimeError(f"the pipeline ended with shards {missing} incomplete; re-run to finish them")
+    committer.finish()
 
 
 def mine_pairs(config: MiningConfig) -> MiningResult:
@@ -248,39 +314,39 @@ def mine_pairs(config: MiningConfig) -> MiningResult:
     from .nouns import load_nltk_resources
 
     start = time.perf_counter()
+    layout = OutputLayout(config.output)
+    layout.check_output()
     load_nltk_resources()  # a missing resource fails here, with the download command, not in a worker
     proposal_preset = load_model_config(config.proposals.preset)
     load_model_config(config.matching.preset)
     threshold = proposal_preset.mask_threshold if config.mask_threshold is None else config.mask_threshold
 
-    dataset = CocoCaptions(config.images, config.captions, config.captions_per_image, config.max_images)
-    if len(dataset) == 0:
-        raise ValueError(f"captions file {config.captions} lists no images")
-    shards = dataset.shards(config.shard_size)
-    layout = OutputLayout(config.output)
-    layout.check_manifest(config.output_settings(threshold, dataset.fingerprint(), len(dataset)))
+    plan = plan_input(config)
+    settings = config.output_settings(threshold, plan.fingerprint, plan.size)
+    layout.check_manifest(settings)
     done = layout.completed_shards()
-    todo = [shard for shard in shards if shard.index not in done]
-    logger.info("%d images in %d shards; %d shards already done, %d to mine", len(dataset), len(shards),
-                len(shards) - len(todo), len(todo))
+    todo = [shard for shard in plan.shards if shard.index not in done]
+    logger.info("%d shards (%s); %d already done, %d to mine", len(plan.shards),
+                f"{plan.size} images" if config.format == "coco" else f"{plan.size} files",
+                len(plan.shards) - len(todo), len(todo))
 
-    progress = _RunProgress()
+    progress = RunProgress(started=start)
     stats = ""
+    pools = plan_pools(config) if todo else ()
+    layout.write_manifest(settings)  # only once the run can start: a refused run leaves no trace
     if todo:
-        pools = plan_pools(config)
         for pool in pools:
             logger.info("actor pool %s", pool.describe())
-        ds = build_pipeline(config, todo, threshold, pools)
-        _collect_and_write(ds, ShardCollector(todo, config.provenance()), layout, config, progress)
+        ds = build_pipeline(config, plan, todo, threshold, pools, layout.root)
+        try:
+            _stream(ds, ShardCommitter(todo, layout, config.provenance(), config, progress))
+        except KeyboardInterrupt:
+            committed = len(layout.completed_shards())
+            raise MiningInterrupted(committed, len(plan.shards), len(progress.written), layout.root) from None
         stats = "".join(f"actor pool {pool.describe()}\n" for pool in pools) + "\n" + _verbose_stats(ds)
         storage.write_text(layout.path("ray_data_stats.txt"), stats)
 
-    summary = summarize(layout, dataset, len(shards), len(shards) - len(todo), progress.processed,
+    summary = summarize(layout, plan.images, len(plan.shards), len(plan.shards) - len(todo), progress,
                         time.perf_counter() - start)
-    if progress.first_output is not None:
-        # Start-up (models loading in the actors) vs the rate once images flow: what a long run sees.
-        summary["startup_s"] = round(progress.first_output - start, 3)
-        steady = progress.steady_rate()
-        summary["steady_images_per_s"] = None if steady is None else round(steady, 3)
     storage.write_text(layout.path("summary.json"), json.dumps(summary, indent=2))
     return MiningResult(summary=summary, stats=stats, shards_written=progress.written)

@@ -70,6 +70,24 @@ def ensemble_probs(
     return p_maskformer.pow(1.0 - lam) * clip_full.pow(lam), every
 
 
+def kept_proposals(masks: torch.Tensor, p_maskformer: torch.Tensor, min_area: int = 0,
+                   no_object_above: float | None = None) -> torch.Tensor | None:
+    """(Q,) which proposals go to the CLIP stage under the skip options (None: all, options off).
+
+    A skipped proposal is treated as an empty mask: no region, no CLIP probability, so it adds
+    nothing to the fusion (lambda > 0). ``masks`` (Q, h, w) bool; ``p_maskformer`` (Q, C), whose
+    missing mass is the query's no-object probability.
+    """
+    if min_area <= 0 and no_object_above is None:
+        return None
+    keep = torch.ones(masks.shape[0], dtype=torch.bool, device=masks.device)
+    if min_area > 0:
+        keep &= masks.flatten(1).sum(dim=1) >= min_area
+    if no_object_above is not None:
+        keep &= (1.0 - p_maskformer.sum(dim=1)).to(masks.device) <= no_object_above
+    return keep
+
+
 def demo_selection(probs: torch.Tensor, skip_last_class: bool = False) -> torch.Tensor:
     """The official demo's query selection: each class's highest-probability query keeps its whole
     probability row, every other row becomes zero. ``skip_last_class``: the class appended as

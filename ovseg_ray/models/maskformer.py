@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from ..device import autocast
 from .backbones import build_backbone
 from .pixel_decoder import FPNPixelDecoder
 from .predictor import OpenVocabPredictor
@@ -74,10 +75,7 @@ class OpenVocabMaskFormer(nn.Module):
 
     def normalize_and_pad(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Normalise (3, H, W) 0-255 images and zero-pad them to one size divisible by the stride."""
-        div = self.config.size_divisibility
-        height = max(img.shape[-2] for img in images)
-        width = max(img.shape[-1] for img in images)
-        height, width = math.ceil(height / div) * div, math.ceil(width / div) * div
+        height, width = self.padded_size(max(img.shape[-2] for img in images), max(img.shape[-1] for img in images))
         batch = self.pixel_mean.new_zeros((len(images), 3, height, width))
         for index, img in enumerate(images):
             normalized = (img.to(batch.device, torch.float32) - self.pixel_mean) / self.pixel_std
@@ -88,17 +86,45 @@ class OpenVocabMaskFormer(nn.Module):
         """Raw outputs for a normalised, padded batch: every decoder layer's predictions."""
         return self.sem_seg_head(self.backbone(batch))
 
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size an image is zero-padded to on its own: each side up to the size divisibility."""
+        div = self.config.size_divisibility
+        return math.ceil(height / div) * div, math.ceil(width / div) * div
+
     @torch.no_grad()
     def propose(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """One (3, H, W) 0-255 image -> unit-norm query class embeddings (Q, E), mask logits (Q, H, W).
 
         Mask logits come at the image's own size (upsampled from stride 4, padding cropped off).
         """
-        height, width = image.shape[-2:]
-        batch = self.normalize_and_pad([image])
-        outputs = self(batch)
-        logits = F.interpolate(
-            outputs["mask_logits"][-1], size=batch.shape[-2:], mode="bilinear", align_corners=False
-        )[0, :, :height, :width]
-        class_embeddings = F.normalize(outputs["class_embeddings"][-1][0], dim=-1)
-        return {"class_embeddings": class_embeddings, "mask_logits": logits}
+        return self.propose_many([image])[0]
+
+    @torch.no_grad()
+    def propose_many(self, images: list[torch.Tensor], autocast_dtype: torch.dtype | None = None,
+                     mixed_padding: bool = False) -> list[dict[str, torch.Tensor]]:
+        """:meth:`propose` for several images, one forward per group of images that pad to one size.
+
+        As detectron2 does, a group is zero-padded to a common size divisible by the stride, run in one
+        forward, and each image's valid region is cropped from the upsampled mask logits. Only images
+        with the same padded size share a forward (by default), so each result equals the image's own
+        run up to float noise: mixing sizes (``mixed_padding``, detectron2's batches) lets the
+        backbone's convolutions and the decoder's attention see other padding, which moves the outputs.
+        The networks run under ``autocast_dtype`` (None = fp32); the outputs are fp32.
+        """
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(images):
+            key = (0, 0) if mixed_padding else self.padded_size(*image.shape[-2:])
+            groups.setdefault(key, []).append(index)
+        results: list[dict[str, torch.Tensor] | None] = [None] * len(images)
+        for indices in groups.values():
+            batch = self.normalize_and_pad([images[i] for i in indices])
+            with autocast(autocast_dtype, self.pixel_mean.device):
+                outputs = self(batch)
+            logits = F.interpolate(outputs["mask_logits"][-1].float(), size=batch.shape[-2:], mode="bilinear",
+                                   align_corners=False)
+            embeddings = F.normalize(outputs["class_embeddings"][-1].float(), dim=-1)
+            for position, index in enumerate(indices):
+                height, width = images[index].shape[-2:]
+                results[index] = {"class_embeddings": embeddings[position],
+                                  "mask_logits": logits[position, :, :height, :width]}
+        return results

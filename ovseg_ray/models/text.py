@@ -50,14 +50,31 @@ def clean_class_names(names: Sequence[str]) -> list[str]:
     return cleaned
 
 
+def distinct_class_names(names: Sequence[str]) -> list[str]:
+    """A vocabulary someone gives (``--classes``, a class file, a config, a request), cleaned, with no
+    name twice: outputs are keyed by name (pixel fractions, RLEs), so a repeated name would make them
+    contradict the label map. Segment, segment-batch and the service all follow this one rule."""
+    cleaned = clean_class_names(names)
+    first: dict[str, int] = {}
+    for index, name in enumerate(cleaned):
+        if name in first:
+            raise ValueError(f"class name #{index} ({name!r}) repeats class name #{first[name]}")
+        first[name] = index
+    return cleaned
+
+
 def read_class_file(uri: str) -> list[str]:
-    """Class names from a file (path or s3://), one per line, blank lines skipped; then cleaned."""
+    """Class names from a file (path or s3://), one per line, blank lines skipped; then cleaned, each once."""
     from ..data import storage
 
-    names = [line.strip() for line in storage.read_bytes(uri).decode("utf-8").splitlines() if line.strip()]
+    try:
+        text = storage.read_bytes(uri).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"class file {uri} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise ValueError(f"class file {uri} has no class names")
-    return clean_class_names(names)
+    return distinct_class_names(names)
 
 
 class TextEmbedder:

@@ -2,7 +2,9 @@
 
 Every refusal is a :class:`RequestError` carrying the HTTP status and a message naming the problem:
 400 unreadable input, 403 image URI outside the allowed prefixes, 413 too large, 415 unsupported
-content type, 422 invalid parameters.
+content type, 422 invalid parameters. Text that no response could carry (a lone surrogate, which
+JSON's ``\\ud800`` escape can smuggle in) or no path may hold (NUL) is refused up front, naming the
+field, and :func:`render_json` turns a body that still cannot be encoded into a JSON 500.
 """
 
 from __future__ import annotations
@@ -11,24 +13,24 @@ import base64
 import binascii
 import json
 import logging
-import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import Field, ValidationError
+from pydantic import AfterValidator, Field, ValidationError
 
 from ..data import storage
 from ..config import StrictModel, format_validation_error
 from ..data.images import ImageDecodeError, ImageTooLargeError, decode_image
 from ..inference import SegmentationResult, vocabulary
 from ..models.official import DEMO_MASK_THRESHOLD
-from ..models.text import clean_class_names
+from ..models.text import distinct_class_names
 from ..outputs import class_rles, expand_labels, label_png, overlay_png, result_summary
 from .config import Limits, OutputKind
 from .multipart import FormPart, MultipartError, parse_multipart
 from .stages import SegmentOutput
+from .uris import uri_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +39,29 @@ class RequestError(Exception):
     """A request the service refuses: HTTP ``status`` and a message for the client."""
 
     def __init__(self, status: int, message: str):
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # echoed input stays encodable
         super().__init__(message)
         self.status = status
         self.message = message
 
 
+def _encodable(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (it holds a lone surrogate)") from None
+    return value
+
+
+#: A text field of a request: any Unicode text without NUL (what a response, log line or path can carry).
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 class SegmentParams(StrictModel):
-    classes: list[str] = Field(description="class names to segment, e.g. ['sky', 'grass', 'red car']")
+    classes: list[Text] = Field(description="class names to segment, e.g. ['sky', 'grass', 'red car']; "
+                                            "each name once")
     lambda_: float | None = Field(
         None, alias="lambda", ge=0, le=1, description="CLIP weight in the ensemble (0 = MaskFormer only)"
     )
@@ -55,10 +73,11 @@ class SegmentParams(StrictModel):
 
 
 class SegmentRequest(SegmentParams):
-    """JSON body of ``POST /v1/segment``: exactly one of ``image_base64`` and ``image_uri``."""
+    """JSON body of ``POST /v1/segment``: exactly one of ``image_base64`` and ``image_uri`` (a string,
+    not null: the one not given is left out)."""
 
-    image_base64: str | None = Field(None, description="the encoded image file (PNG, JPEG, ...) in base64")
-    image_uri: str | None = Field(None, description="s3:// URI (or a path) under an allowed prefix")
+    image_base64: str = Field(None, description="the encoded image file (PNG, JPEG, ...) in base64")
+    image_uri: Text = Field(None, description="s3:// URI (or a path) under an allowed prefix")
 
 
 class ClassRLE(StrictModel):
@@ -184,18 +203,14 @@ def check_classes(names: list[str], limits: Limits) -> list[str]:
     if len(names) > limits.max_classes:
         raise RequestError(422, f"too many classes: {len(names)} given, the limit is {limits.max_classes}")
     try:
-        cleaned = clean_class_names(names)
+        cleaned = distinct_class_names(names)
     except ValueError as exc:
         raise RequestError(422, str(exc)) from None
-    first: dict[str, int] = {}
     for index, name in enumerate(cleaned):
         if len(name) > limits.max_name_chars:
             raise RequestError(
                 422, f"class name #{index} is {len(name)} characters long (limit {limits.max_name_chars})"
             )
-        if name in first:  # results are keyed by name: a repeated name would be ambiguous
-            raise RequestError(422, f"class name #{index} ({name!r}) repeats class name #{first[name]}")
-        first[name] = index
     return cleaned
 
 
@@ -263,26 +278,11 @@ def parse_segment_request(body: bytes, content_type: str, limits: Limits, defaul
     )
 
 
-def uri_allowed(uri: str, prefixes: list[str]) -> bool:
-    """Remote URIs must lie under a remote prefix (matched on ``/`` boundaries, so ``s3://img`` does
-    not admit ``s3://img-private/``); local paths must resolve inside an allowed directory."""
-    if storage.is_remote(uri):
-        return any(storage.is_remote(p) and (uri.startswith(p if p.endswith("/") else p + "/")) for p in prefixes)
-    path = os.path.realpath(uri.removeprefix("file://"))
-    for prefix in prefixes:
-        if storage.is_remote(prefix):
-            continue
-        root = os.path.realpath(prefix.removeprefix("file://"))
-        if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
-            return True
-    return False
-
-
 def fetch_image_bytes(uri: str, limits: Limits) -> bytes:
     """The bytes behind ``uri`` if it is allowed and not larger than the request limit."""
-    if not uri_allowed(uri, limits.image_uri_prefixes):
-        allowed = ", ".join(limits.image_uri_prefixes) or "none: image URIs are disabled"
-        raise RequestError(403, f"image_uri {uri!r} is not under an allowed prefix ({allowed})")
+    refusal = uri_refusal(uri, limits.image_uri_prefixes)
+    if refusal:
+        raise RequestError(403, refusal)
     try:
         fs, path = storage.filesystem(uri)
         size = fs.size(path)
@@ -317,6 +317,17 @@ def load_request_image(request: SegmentInput, limits: Limits) -> np.ndarray:
     if data is None:
         data = fetch_image_bytes(request.image_uri, limits)
     return decode_checked(data, request.source, limits.max_pixels)
+
+
+def render_json(status: int, body: dict) -> tuple[int, bytes]:
+    """``(status, bytes)`` of a JSON response. A body JSON cannot carry (text with a lone surrogate,
+    NaN) becomes a JSON 500, so that it is answered and counted like any other failure."""
+    try:
+        return status, json.dumps(body, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, TypeError) as exc:  # UnicodeEncodeError is a ValueError
+        logger.error("cannot encode a %d response: %r", status, exc)
+        detail = f"internal error: the response could not be encoded ({type(exc).__name__})"
+        return 500, json.dumps({"detail": detail}).encode("utf-8")
 
 
 # ----------------------------------------------------------------------------------------------

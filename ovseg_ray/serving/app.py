@@ -18,33 +18,45 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.context import _get_global_client  # private: the controller client that `serve deploy` uses
 from ray.serve.exceptions import BackPressureError
+from ray.serve.schema import APIType, ServeDeploySchema
 from ray.serve.handle import DeploymentHandle
 from ray.util import metrics
 
 from .. import __version__
+from ..data import storage
 from ..models.ovseg import resolve_weights
 from ..outputs import OUTPUT_KINDS
 from .api import (
-    ErrorResponse,
     RequestError,
-    SegmentRequest,
-    SegmentResponse,
     load_request_image,
     parse_segment_request,
     read_body,
+    render_json,
     response_body,
 )
-from ..raycluster import resolve_num_gpus, worker_device
-from .config import DeploymentSettings, ServeConfig, parse_serve_config
+from ..raycluster import check_capacity, resolve_num_gpus, worker_device
+from .config import (
+    APP_ARGS,
+    STAGE_DEPLOYMENTS,
+    DeploymentSettings,
+    Limits,
+    ServeConfig,
+    application_entry,
+    config_from_app_args,
+    deployment_entry,
+    parse_serve_config,
+)
+from .openapi import describe_limits, segment_docs
 from .stages import ProposalStage, RegionRequest, RegionResult, RegionStage, SegmentOutput, load_segmenter
 
 logger = logging.getLogger("ray.serve")
 
-INGRESS, PROPOSER, CLASSIFIER = "OVSegIngress", "MaskProposer", "RegionClassifier"
+INGRESS, PROPOSER, CLASSIFIER = (STAGE_DEPLOYMENTS[stage] for stage in ("ingress", "proposer", "classifier"))
 
 api = FastAPI(
     title="OVSeg open-vocabulary segmentation",
@@ -52,38 +64,11 @@ api = FastAPI(
     description="Segment an image into any list of class names (OVSeg: MaskFormer proposals + mask-adapted CLIP).",
 )
 
-_FORM_SCHEMA = {
-    "type": "object",
-    "required": ["image", "classes"],
-    "properties": {
-        "image": {"type": "string", "format": "binary", "description": "the image file (PNG, JPEG, WebP, ...)"},
-        "classes": {"type": "string", "description": "comma-separated names, a JSON list, or the field repeated"},
-        "lambda": {"type": "number", "minimum": 0, "maximum": 1},
-        "mask_threshold": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
-        "outputs": {"type": "string", "description": "comma-separated: label_png, overlay_png, rle"},
-        "mode": {"type": "string", "enum": ["eval", "demo"]},
-    },
-}
-_SEGMENT_DOCS = {
-    "openapi_extra": {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "multipart/form-data": {"schema": _FORM_SCHEMA},
-                "application/json": {"schema": SegmentRequest.model_json_schema(by_alias=True)},
-            },
-        }
-    },
-    "responses": {
-        200: {"model": SegmentResponse, "description": "the segmentation"},
-        400: {"model": ErrorResponse, "description": "unreadable image or body"},
-        403: {"model": ErrorResponse, "description": "image_uri outside the allowed prefixes"},
-        413: {"model": ErrorResponse, "description": "body or image over the configured limits"},
-        415: {"model": ErrorResponse, "description": "neither multipart/form-data nor JSON"},
-        422: {"model": ErrorResponse, "description": "bad classes or parameters"},
-        503: {"model": ErrorResponse, "description": "overloaded: retry later"},
-    },
-}
+
+
+def _replica_settings(config: dict) -> ServeConfig:
+    """What a replica reads: the application's args (its stages' options are Serve's business)."""
+    return parse_serve_config(config, "replica settings", stages_elsewhere=True)
 
 
 def _warn_random_weights(config: ServeConfig) -> None:
@@ -108,7 +93,7 @@ class RegionClassifier:
     """Masked-CLIP region embeddings; concurrent requests share one encoder forward."""
 
     def __init__(self, config: dict):
-        settings = ServeConfig.model_validate(config)
+        settings = _replica_settings(config)
         _warn_random_weights(settings)
         self.stage = RegionStage(load_segmenter(settings.model, "regions", worker_device(settings.model.device)), settings.batching.max_regions_per_forward)
         self.batching = settings.batching.enabled
@@ -146,7 +131,7 @@ class MaskProposer:
     """MaskFormer proposals and class-name embeddings (cached here), then ensemble and fusion."""
 
     def __init__(self, classifier: DeploymentHandle, config: dict):
-        settings = ServeConfig.model_validate(config)
+        settings = _replica_settings(config)
         _warn_random_weights(settings)
         self.stage = ProposalStage(load_segmenter(settings.model, "proposals", worker_device(settings.model.device)))
         self.classifier = classifier
@@ -173,7 +158,7 @@ class OVSegIngress:
     def __init__(self, proposer: DeploymentHandle, config: dict):
         from ..models.ovseg import load_preset
 
-        self.config = ServeConfig.model_validate(config)
+        self.config = _replica_settings(config)
         self.proposer = proposer
         self.preset = load_preset(self.config.model.preset)
         self.defaults = {
@@ -181,6 +166,7 @@ class OVSegIngress:
             "mask_threshold": self.preset.mask_threshold,
             "outputs": list(self.config.default_outputs),
         }
+        describe_limits(api, self.config.limits)
         self.status_counts: Counter[int] = Counter()
         self.batch_sizes: Counter[int] = Counter()
         self._requests = metrics.Counter(
@@ -191,14 +177,26 @@ class OVSegIngress:
             boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30],
         )
 
-    def _reply(self, status: int, body: dict) -> JSONResponse:
+    def _reply(self, status: int, body: dict) -> Response:
+        """Encode first, count after: what is counted is the status the client gets."""
+        status, content = render_json(status, body)
         self.status_counts[status] += 1
         self._requests.inc(tags={"status": str(status)})
-        return JSONResponse(body, status_code=status)
+        return Response(content, status_code=status, media_type="application/json")
 
-    @api.post("/v1/segment", summary="Segment an image into the given classes", **_SEGMENT_DOCS)
-    async def segment(self, request: Request) -> JSONResponse:
+    @api.post("/v1/segment", summary="Segment an image into the given classes", **segment_docs(Limits()))
+    async def segment(self, request: Request) -> Response:
         start = time.perf_counter()
+        try:
+            status, body = await self._segment(request, start)
+        except Exception as exc:  # a bug anywhere: answer in JSON, count it, keep the service up
+            logger.exception("POST /v1/segment failed")
+            status, body = 500, {"detail": f"internal error ({type(exc).__name__})"}
+        if status == 200:
+            self._latency.observe(time.perf_counter() - start)
+        return self._reply(status, body)
+
+    async def _segment(self, request: Request, start: float) -> tuple[int, dict]:
         limits = self.config.limits
         try:
             body = await read_body(request.stream(), request.headers.get("content-length"), limits.max_request_bytes)
@@ -207,27 +205,23 @@ class OVSegIngress:
             del body
             image = await asyncio.to_thread(load_request_image, parsed, limits)
         except RequestError as exc:
-            return self._reply(exc.status, {"detail": exc.message})
+            return exc.status, {"detail": exc.message}
         decode_s = time.perf_counter() - start
         try:
             output = await self.proposer.segment.remote(image, parsed.classes, parsed.lam, parsed.mask_threshold,
                                                         parsed.mode)
         except BackPressureError as exc:
-            return self._reply(503, {"detail": f"the service is overloaded, retry later ({exc})"})
+            return 503, {"detail": f"the service is overloaded, retry later ({exc})"}
         except (RayActorError, ActorUnavailableError) as exc:
             logger.warning("model replica unavailable: %s", exc)
-            return self._reply(503, {"detail": "a model replica is unavailable (restarting?), retry later"})
-        except Exception as exc:  # a bug or a failed replica: answer in JSON, keep the service up
-            logger.exception("segmentation failed")
-            return self._reply(500, {"detail": f"internal error while segmenting ({type(exc).__name__})"})
+            return 503, {"detail": "a model replica is unavailable (restarting?), retry later"}
         encode_start = time.perf_counter()
         result = await asyncio.to_thread(response_body, image, parsed, output, {"decode_s": decode_s})
         result["timings"]["outputs_s"] = round(time.perf_counter() - encode_start, 6)
         result["timings"]["total_s"] = round(time.perf_counter() - start, 6)
         if output.region_batch_requests:
             self.batch_sizes[output.region_batch_requests] += 1
-        self._latency.observe(time.perf_counter() - start)
-        return self._reply(200, result)
+        return 200, result
 
     @api.get("/healthz", summary="Liveness")
     async def healthz(self) -> dict:
@@ -261,40 +255,95 @@ class OVSegIngress:
         }
 
 
-def deployment_options(settings: DeploymentSettings) -> dict[str, Any]:
-    """Keyword arguments for ``Deployment.options``; ``num_gpus: auto`` is resolved on the cluster."""
-    options: dict[str, Any] = {
-        "max_ongoing_requests": settings.max_ongoing_requests,
-        "max_queued_requests": settings.max_queued_requests,
-        "ray_actor_options": {"num_cpus": settings.num_cpus, "num_gpus": resolve_num_gpus(settings.num_gpus)},
-    }
-    if settings.autoscaling is not None:
-        options["autoscaling_config"] = settings.autoscaling.model_dump(exclude_none=True)
-    else:
-        options["num_replicas"] = settings.num_replicas or 1
-    return options
+def deployment_options(stage: str, settings: DeploymentSettings, num_gpus: float | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``Deployment.options`` (``num_gpus: auto`` resolved on the cluster now)."""
+    gpus = resolve_num_gpus(settings.num_gpus) if num_gpus is None else num_gpus
+    return {key: value for key, value in deployment_entry(stage, settings, gpus).items() if key != "name"}
 
 
 def build_app(config: ServeConfig) -> serve.Application:
-    """The bound application; per-deployment options come from ``config`` (``num_gpus: auto`` resolved now)."""
-    settings = config.model_dump(mode="json", by_alias=True)
-    classifier = RegionClassifier.options(**deployment_options(config.classifier)).bind(settings)
-    proposer = MaskProposer.options(**deployment_options(config.proposer)).bind(classifier, settings)
-    return OVSegIngress.options(**deployment_options(config.ingress)).bind(proposer, settings)
+    """The bound application; per-deployment options come from ``config`` (``num_gpus: auto`` resolved now).
+    Replicas are given only the application's args (what a deploy file's ``args`` hold)."""
+    settings = config.model_dump(mode="json", by_alias=True, include=set(APP_ARGS))
+    classifier = RegionClassifier.options(**deployment_options("classifier", config.classifier)).bind(settings)
+    proposer = MaskProposer.options(**deployment_options("proposer", config.proposer)).bind(classifier, settings)
+    return OVSegIngress.options(**deployment_options("ingress", config.ingress)).bind(proposer, settings)
 
 
 def app_builder(args: dict) -> serve.Application:
-    """Entry point of ``serve deploy`` / ``serve run ovseg_ray.serving:app_builder``: args = ServeConfig fields."""
-    return build_app(parse_serve_config(dict(args or {}), "application args"))
+    """The ``import_path`` of serve deploy files, also for ``serve run ovseg_ray.serving:app_builder
+    [FIELD=VALUE ...]`` (see :func:`config_from_app_args`). The stages' replicas and resources come
+    from the deploy file's ``deployments`` when it has them."""
+    return build_app(config_from_app_args(args))
+
+
+def __getattr__(name: str):
+    """``ovseg_ray.serving.app:app``, the application with the default ServeConfig, for what wants an
+    Application rather than a builder (``serve build``, ``serve run``): edit the built file's
+    ``deployments`` (replicas, resources); the model and limits come from ``app_builder``'s args."""
+    if name == "app":
+        return build_app(ServeConfig())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_serve_capacity(config: ServeConfig, num_gpus: dict[str, float]) -> None:
+    """Refuse, on a Ray that cannot grow, replicas it could never schedule (Serve would wait forever)."""
+    stages = {stage: (config.replicas_to_start(stage), getattr(config, stage).num_cpus, num_gpus[stage])
+              for stage in STAGE_DEPLOYMENTS}
+    what = "the service's replicas (" + ", ".join(
+        f"{stage} {count} x {cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+        for stage, (count, cpus, gpus) in stages.items()) + ")"
+    check_capacity(sum(n * cpus for n, cpus, _ in stages.values()), sum(n * gpus for n, _, gpus in stages.values()),
+                   what, "lower --ingress.num-cpus, --proposer.num-cpus or --classifier.num-cpus (fractions are "
+                         "fine), the GPUs (--STAGE.num-gpus) or the replicas (--STAGE.num-replicas, "
+                         "--STAGE.autoscaling.min-replicas / initial-replicas)")
+
+
+def _declared_applications(client) -> list[dict]:
+    """The configs of the applications deployed from a config (``serve deploy``) on this Serve: applying
+    a config replaces that whole set, so the others must be applied again unchanged."""
+    details = client.get_serve_details().get("applications", {})
+    return [app["deployed_app_config"] for app in details.values()
+            if app.get("source") == APIType.DECLARATIVE.value and app.get("deployed_app_config")]
+
+
+def _wait_until_running(config: ServeConfig) -> None:
+    """Until the application runs with every fixed replica count reached; a failed deploy raises."""
+    fixed = {STAGE_DEPLOYMENTS[stage]: getattr(config, stage).num_replicas or 1 for stage in STAGE_DEPLOYMENTS
+             if getattr(config, stage).autoscaling is None}
+    started = reported = time.monotonic()
+    while True:
+        app = serve.status().applications.get(config.app_name)
+        status = str(getattr(app.status, "value", app.status)) if app else "NOT_STARTED"
+        running = {name: d.replica_states.get("RUNNING", 0) for name, d in (app.deployments if app else {}).items()}
+        if status == "RUNNING" and all(running.get(name, 0) == n for name, n in fixed.items()):
+            return
+        if status == "DEPLOY_FAILED":
+            lines = [line for line in (app.message or "").splitlines() if line.strip()]
+            raise ValueError(f"the service {config.app_name!r} failed to deploy: {lines[-1] if lines else status}")
+        if time.monotonic() - reported > 30:
+            reported = time.monotonic()
+            print(f"deploying {config.app_name!r}: {status}, running replicas {running} "
+                  f"({reported - started:.0f}s)", flush=True)
+        time.sleep(0.5)
 
 
 def deploy(config: ServeConfig) -> str:
-    """Start Serve's HTTP proxy and deploy the application on the connected Ray; returns its URL.
-
-    Blocks until every replica is running (raises if the deployment fails).
+    """Deploy or update the application on the connected Ray from its config, as ``serve deploy`` does,
+    so that Serve keeps what did not change: an identical config changes nothing, a stage whose replica
+    count changes is only scaled, and only a change of the ``args`` (model, limits, batching) rebuilds
+    every stage. Refuses replicas a fixed Ray cannot hold; blocks until the application runs; returns
+    its URL.
     """
+    num_gpus = {stage: resolve_num_gpus(getattr(config, stage).num_gpus) for stage in STAGE_DEPLOYMENTS}
+    check_serve_capacity(config, num_gpus)
+    if config.model.weights and not storage.exists(config.model.weights):  # before any replica tries
+        raise FileNotFoundError(f"model.weights not found: {config.model.weights}")
     serve.start(http_options=config.http.serve_options())
-    serve.run(build_app(config), name=config.app_name, route_prefix=config.route_prefix, blocking=False)
+    client = _get_global_client()
+    others = [app for app in _declared_applications(client) if app.get("name") != config.app_name]
+    client.deploy_apps(ServeDeploySchema.model_validate({"applications": [*others, application_entry(config, num_gpus)]}))
+    _wait_until_running(config)
     host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
     return f"http://{host}:{config.http.port}{config.route_prefix.rstrip('/')}/"
 

@@ -1,8 +1,12 @@
 """Configuration of the HTTP service: model, limits, region batching and one block per deployment.
 
-The same :class:`ServeConfig` is read by ``ovseg-ray serve --config FILE`` (a YAML of these fields),
-by ``jobs/deploy_serve.py`` and, as the application ``args``, by ``serve deploy`` (see
-``cluster/serve_config.yaml``).
+The same :class:`ServeConfig` is read by ``ovseg-ray serve --config FILE`` (a YAML of these fields,
+or a ``serve deploy`` file), by ``jobs/deploy_serve.py`` and by ``serve deploy`` /
+``serve run ovseg_ray.serving:app_builder``. In a ``serve deploy`` file (``cluster/serve_config.yaml``)
+the application's ``args`` hold what every replica reads (:data:`APP_ARGS`) and its ``deployments``
+hold each stage's replicas and resources: Serve then updates a stage whose settings change without
+touching the others (a change of ``args`` rebuilds the whole application). :func:`application_entry`
+writes that form; :func:`load_serve_config` reads it back.
 """
 
 from __future__ import annotations
@@ -11,9 +15,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from ..config import ConfigError, ModelConfig, StrictModel, format_validation_error, load_config
+from ..config import ConfigError, ModelConfig, StrictModel, dotted_values, format_validation_error, load_config
 
 # Mirrors of ovseg_ray.outputs.OUTPUT_KINDS and ovseg_ray.models.text.MAX_NAME_CHARS, kept here so
 # that reading the config does not import torch (the tests check that they stay equal).
@@ -22,6 +26,14 @@ MAX_NAME_CHARS = 200
 
 #: ``import_path`` of the application builder, as written in a ``serve deploy`` file.
 APP_IMPORT_PATH = "ovseg_ray.serving:app_builder"
+#: The Serve deployment of each stage block (``ingress``, ``proposer``, ``classifier``).
+STAGE_DEPLOYMENTS = {"ingress": "OVSegIngress", "proposer": "MaskProposer", "classifier": "RegionClassifier"}
+#: The ServeConfig fields every replica reads: a serve deploy file's application ``args``.
+APP_ARGS = ("model", "limits", "batching", "default_outputs")
+#: How a stage block's fields are written in a deployment entry of a serve deploy file.
+_ENTRY_FIELDS = {"num_replicas": "num_replicas", "autoscaling": "autoscaling_config",
+                 "max_ongoing_requests": "max_ongoing_requests", "max_queued_requests": "max_queued_requests"}
+_ACTOR_FIELDS = ("num_cpus", "num_gpus")
 
 
 class ModelSettings(ModelConfig):
@@ -124,8 +136,18 @@ class ServeConfig(StrictModel):
             raise ValueError("must start with '/'")
         return value
 
+    def replicas_to_start(self, stage: str) -> int:
+        """Replicas Serve starts for ``stage`` (before any autoscaling)."""
+        settings: DeploymentSettings = getattr(self, stage)
+        if settings.autoscaling is None:
+            return settings.num_replicas or 1
+        scaling = settings.autoscaling
+        return scaling.min_replicas if scaling.initial_replicas is None else scaling.initial_replicas
+
     @model_validator(mode="after")
-    def _batches_can_fill(self) -> ServeConfig:
+    def _batches_can_fill(self, info: ValidationInfo) -> ServeConfig:
+        if (info.context or {}).get("stages_elsewhere"):  # the deploy file's `deployments` hold them
+            return self
         if self.batching.enabled and self.classifier.max_ongoing_requests < self.batching.max_batch_requests:
             raise ValueError(
                 f"classifier.max_ongoing_requests ({self.classifier.max_ongoing_requests}) is below "
@@ -134,12 +156,67 @@ class ServeConfig(StrictModel):
         return self
 
 
-def parse_serve_config(data: dict[str, Any], source: str = "serve config") -> ServeConfig:
-    """Validate a mapping (e.g. a ``serve deploy`` file's application args), naming bad fields."""
+def parse_serve_config(data: dict[str, Any], source: str = "serve config", stages_elsewhere: bool = False
+                       ) -> ServeConfig:
+    """Validate a mapping, naming bad fields. ``stages_elsewhere``: the mapping is a serve deploy file's
+    application ``args``, whose stages' settings Serve takes from the file's ``deployments``."""
     try:
-        return ServeConfig.model_validate(data)
+        return ServeConfig.model_validate(data, context={"stages_elsewhere": stages_elsewhere})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def config_from_app_args(args: dict[str, Any]) -> ServeConfig:
+    """The ServeConfig of an application builder's ``args``: nested fields (a deploy file's ``args``) or
+    dotted ones from ``serve run ... FIELD=VALUE`` (``limits.max-classes=200``, values parsed like
+    ``ovseg-ray serve`` flags), nested ones first."""
+    values = {key.replace("-", "_"): value for key, value in sorted((args or {}).items(), key=lambda kv: "." in kv[0])}
+    try:
+        return load_config(ServeConfig, None, dotted_values(ServeConfig, values), context={"stages_elsewhere": True})
+    except ConfigError as exc:
+        raise ConfigError(f"application args: {exc}") from None
+
+
+def deployment_entry(stage: str, settings: DeploymentSettings, num_gpus: float) -> dict[str, Any]:
+    """A stage's deployment in serve deploy form (also its ``Deployment.options``, less ``name``)."""
+    entry: dict[str, Any] = {"name": STAGE_DEPLOYMENTS[stage]}
+    if settings.autoscaling is not None:
+        entry["autoscaling_config"] = settings.autoscaling.model_dump(exclude_none=True)
+    else:
+        entry["num_replicas"] = settings.num_replicas or 1
+    entry["max_ongoing_requests"] = settings.max_ongoing_requests
+    entry["max_queued_requests"] = settings.max_queued_requests
+    entry["ray_actor_options"] = {"num_cpus": settings.num_cpus, "num_gpus": num_gpus}
+    return entry
+
+
+def application_entry(config: ServeConfig, num_gpus: dict[str, float]) -> dict[str, Any]:
+    """Our application in serve deploy form: ``args`` for every replica, one ``deployments`` entry per
+    stage (``num_gpus``: each stage's GPUs per replica, ``auto`` already resolved)."""
+    return {
+        "name": config.app_name,
+        "route_prefix": config.route_prefix,
+        "import_path": APP_IMPORT_PATH,
+        "args": config.model_dump(mode="json", by_alias=True, include=set(APP_ARGS)),
+        "deployments": [deployment_entry(stage, getattr(config, stage), num_gpus[stage]) for stage in STAGE_DEPLOYMENTS],
+    }
+
+
+def _stage_fields(entry: dict[str, Any], path: str) -> tuple[str, dict[str, Any]]:
+    """The stage block written as ``entry`` (a deployment of a serve deploy file)."""
+    stage = next((s for s, name in STAGE_DEPLOYMENTS.items() if name == entry.get("name")), None)
+    if stage is None:
+        raise ConfigError(f"{path}: deployments: unknown deployment {entry.get('name')!r}; "
+                          f"expected {', '.join(STAGE_DEPLOYMENTS.values())}")
+    where = f"{path}: deployments: {entry['name']}"
+    unknown = sorted(set(entry) - {"name", "ray_actor_options", *_ENTRY_FIELDS.values()})
+    actor = entry.get("ray_actor_options") or {}
+    unknown += [f"ray_actor_options.{key}" for key in sorted(set(actor) - set(_ACTOR_FIELDS))]
+    if unknown:
+        raise ConfigError(f"{where}: {', '.join(unknown)} not understood here (known: "
+                          f"{', '.join([*_ENTRY_FIELDS.values(), *(f'ray_actor_options.{k}' for k in _ACTOR_FIELDS)])})")
+    fields = {ours: entry[theirs] for ours, theirs in _ENTRY_FIELDS.items() if theirs in entry}
+    return stage, {**fields, **{key: actor[key] for key in _ACTOR_FIELDS if key in actor}}
 
 
 def is_serve_deploy_file(data: Any) -> bool:
@@ -159,12 +236,12 @@ def _from_deploy_file(data: dict[str, Any], path: str, app_name: str | None) -> 
             + f", found {len(ours)}"
         )
     app = ours[0]
-    if app.get("deployments"):
-        raise ConfigError(
-            f"{path}: per-deployment settings under 'deployments' are only applied by `serve deploy`; "
-            "put them in args.ingress / args.proposer / args.classifier instead"
-        )
     fields = dict(app.get("args") or {})
+    for entry in app.get("deployments") or []:
+        stage, settings = _stage_fields(entry if isinstance(entry, dict) else {}, path)
+        if stage in fields:
+            raise ConfigError(f"{path}: the {stage} stage is set twice, in args.{stage} and in deployments")
+        fields[stage] = settings
     if "name" in app:
         fields["app_name"] = app["name"]
     if "route_prefix" in app:

@@ -33,7 +33,7 @@ def load_segmenter(settings: ModelSettings, stage: Stage = "all", device: torch.
     ``proposals`` drops the CLIP vision tower; ``regions`` drops the MaskFormer and the text tower.
     """
     model = build_model(settings.preset, weights=settings.weights, device="cpu", seed=settings.seed)
-    segmenter = Segmenter(model, text_cache_size=settings.text_cache_size)
+    segmenter = Segmenter(model, text_cache_size=settings.text_cache_size, **settings.segmenter_options())
     if stage == "proposals":
         model.region_encoder.visual = None
         model.clip.visual = None
@@ -147,7 +147,8 @@ class ProposalStage:
         p_maskformer = segmenter.maskformer_probs(proposals.class_embeddings, classes)
         region_request = None
         if lam > 0.0:
-            region_request = RegionRequest.from_tensors(proposals.image, proposals.binary_masks(threshold))
+            region_request = RegionRequest.from_tensors(proposals.image,
+                                                        segmenter.region_masks(proposals, p_maskformer, threshold))
         return PendingSegmentation(proposals, p_maskformer, classes, lam, threshold, mode,
                                    (int(image.shape[0]), int(image.shape[1])), region_request, timings)
 

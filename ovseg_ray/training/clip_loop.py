@@ -31,6 +31,7 @@ from .pair_batches import batch_tensors
 from .runs import FINAL_DIR, SUMMARY_FILE, TrainSession, lockstep, maybe_crash
 
 logger = logging.getLogger(__name__)
+STOPPED_FILE = "stopped.json"  # an epoch without any usable pair: why the run stopped untrained
 
 
 def run_clip_training(loop_config: dict, session: TrainSession) -> None:
@@ -119,6 +120,11 @@ def run_clip_training(loop_config: dict, session: TrainSession) -> None:
             logger.info("epoch %d/%d: loss %.4f accuracy %.3f, %.1f samples/s, %d pairs (%d skipped), lr %.3g, %.1fs",
                         epoch, optim.epochs, metrics["loss"], metrics["accuracy"], metrics["samples_per_s"],
                         metrics["pairs"], metrics["skipped_pairs"], metrics["lr"], seconds)
+        if metrics["pairs"] == 0:  # every pair skipped (all ranks agree after the all-reduce): stop untrained
+            if rank == 0:
+                storage.write_text(storage.join(directory, STOPPED_FILE),
+                                   json.dumps({**metrics, "skip_reasons": reasons[:3]}))
+            return
         with tempfile.TemporaryDirectory() as checkpoint_dir:
             if rank == 0:
                 save_training_checkpoint(checkpoint_dir, trainer,

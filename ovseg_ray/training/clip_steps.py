@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import storage
+from ..device import autocast_dtype
 from .losses import contrastive_loss, vocabulary_correct, vocabulary_loss
 from ..models.ovseg import OVSegConfig, OVSegModel, build_model, load_preset, resolve_weights
 from ..weights import load_clip_weights, load_model_weights
@@ -179,13 +180,7 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype (None = fp32). Mixed precision only on CUDA; ``auto`` = bf16 if supported."""
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            raise ValueError(f"precision {precision} needs a CUDA device, this worker runs on {device}")
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return autocast_dtype(precision, device, allow_cpu=False)
 
 
 class RegionEmbedder(nn.Module):

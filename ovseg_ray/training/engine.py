@@ -14,6 +14,7 @@ Train requires: rank 0 writes ``final/`` there.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from contextlib import contextmanager
@@ -21,7 +22,7 @@ from contextlib import contextmanager
 from ..config import ConfigError
 from ..data import storage
 from .clip_config import TrainClipConfig, check_run_record, check_start_weights, finished_summary, pair_files, run_dir
-from .clip_loop import run_clip_training
+from .clip_loop import STOPPED_FILE, run_clip_training
 from .clip_steps import model_config, optimizer_settings
 from .maskformer_config import RUN_RECORD as MASKFORMER_RECORD
 from .maskformer_config import TrainMaskFormerConfig, class_names
@@ -237,8 +238,16 @@ def train_clip(config: TrainClipConfig) -> dict:
     print(f"train-clip {config.mode} ({config.objective}) on {rows} pairs, {len(vocabulary)} nouns, "
           f"{config.run.num_workers} worker(s) on {'GPU' if use_gpu else 'CPU'}, lr {lr:g}, weight decay {wd:g}; "
           f"run folder {directory}")
+    stopped = storage.join(directory, STOPPED_FILE)  # written by rank 0 when no pair of an epoch could be used
+    if storage.exists(stopped):
+        storage.remove_files([stopped])
     result = _fit("clip", {"config": config.model_dump(mode="json"), "vocabulary": vocabulary, "rows": rows,
                            "run_dir": directory}, config.run, use_gpu, {"train": ds})
+    if storage.exists(stopped):
+        last = json.loads(storage.read_bytes(stopped))
+        reasons = "; ".join(last["skip_reasons"]) or "no reason recorded"
+        raise ValueError(f"training stopped in epoch {last['epoch']}: all {last['skipped_pairs']} pairs were skipped, "
+                         f"none could be used (first reasons: {reasons}); no model was written")
     summary = _finished_or_fail(directory, result)
     last = summary["history"][-1] if summary["history"] else {}
     print(f"train-clip finished: {summary['epochs']} epochs, loss {last.get('loss', float('nan')):.4f}, "

@@ -68,6 +68,10 @@ def read_tensors(uri: str, trust_pickle: bool = False) -> RawCheckpoint:
     if head[8:9] == b"{" and int.from_bytes(head[:8], "little") > size - 8:
         raise CheckpointError(f"cannot read safetensors file {uri}: its header says it is longer than the "
                               f"{size} bytes there (truncated?)")
+    kind = _not_a_checkpoint(head, size)
+    if kind:
+        raise CheckpointError(f"{uri} is not a checkpoint: it is {kind} ({size} bytes). Expected a safetensors "
+                              f"file, a torch checkpoint (.pt/.pth, zip or pickle) or an OpenAI TorchScript archive")
     zipped = head.startswith(b"PK\x03\x04")
     if zipped:
         try:
@@ -77,6 +81,32 @@ def read_tensors(uri: str, trust_pickle: bool = False) -> RawCheckpoint:
         if _is_torchscript(archive):
             return RawCheckpoint(uri, "torchscript", read_torchscript_tensors(archive, uri))
     return _read_torch(uri, data, trust_pickle, zipped)
+
+
+# First bytes of files that are often given by mistake, and what they are.
+_FILE_SIGNATURES = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image",
+                    b"RIFF": "a RIFF file (WebP image, WAV sound)", b"\x1f\x8b": "a gzip archive",
+                    b"\x89HDF": "an HDF5 file", b"%PDF": "a PDF document", b"BZh": "a bzip2 archive",
+                    b"\xfd7zXZ": "an xz archive", b"7z\xbc\xaf": "a 7-zip archive"}
+
+
+def _not_a_checkpoint(head: bytes, size: int) -> str | None:
+    """What the file is when its first bytes rule out every container read here (zip, or the binary
+    pickle of a legacy ``torch.save``); None when it may be a checkpoint."""
+    if size == 0:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return None
+    for signature, kind in _FILE_SIGNATURES.items():
+        if head.startswith(signature):
+            return kind
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:  # perhaps cut inside a character: try without the last bytes
+        text = head[:-3].decode("utf-8", "ignore")
+    if text and all(ch.isprintable() or ch in "\r\n\t" for ch in text):
+        return "a text file"
+    return f"no format read here (it starts with {head[:8].hex(' ')})"
 
 
 def _is_safetensors_header(head: bytes, size: int) -> bool:
@@ -204,11 +234,6 @@ class _StorageType:
         self.dtype = dtype
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                    metadata=None):
-    return storage.as_strided(tuple(size), tuple(stride), storage_offset)
-
-
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *args):
     return data
 
@@ -221,8 +246,6 @@ class _TorchScriptUnpickler(pickle.Unpickler):
     """Admits tensor records and placeholders only; any other global is an error naming it."""
 
     ALLOWED = {
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
         ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
         ("collections", "OrderedDict"): OrderedDict,
@@ -242,12 +265,27 @@ class _TorchScriptUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if module.startswith("__torch__"):
             return ScriptObject
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+            return self._rebuild_tensor
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
         if (module, name) in self.ALLOWED:
             return self.ALLOWED[(module, name)]
         raise CheckpointError(f"TorchScript archive {self.source} refers to {module}.{name}, which is not a "
                               f"tensor record; refusing to read it")
+
+    def _rebuild_tensor(self, storage, storage_offset, size, stride, *rest):
+        """A tensor record, checked to lie inside its storage before it is viewed."""
+        size, stride = tuple(int(n) for n in size), tuple(int(n) for n in stride)
+        if len(size) != len(stride) or storage_offset < 0 or min(size + stride, default=0) < 0:
+            raise CheckpointError(f"TorchScript archive {self.source}: a tensor record has a malformed shape "
+                                  f"{list(size)} / stride {list(stride)} / offset {storage_offset}")
+        end = storage_offset + (sum((n - 1) * st for n, st in zip(size, stride)) + 1 if all(size) else 0)
+        if end > storage.numel():
+            raise CheckpointError(f"TorchScript archive {self.source}: a tensor record of shape {list(size)} at "
+                                  f"offset {storage_offset} reaches value {end} of a storage record holding "
+                                  f"{storage.numel()} (corrupt archive?)")
+        return storage.as_strided(size, stride, storage_offset)
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
@@ -268,7 +306,12 @@ def read_torchscript_tensors(archive: zipfile.ZipFile, source: str) -> dict[str,
     if data_name is None:
         raise CheckpointError(f"TorchScript archive {source} has no data.pkl (unsupported, older format)")
     prefix = data_name[: -len("data.pkl")]
-    root = _TorchScriptUnpickler(archive.read(data_name), archive, prefix, source).load()
+    try:
+        root = _TorchScriptUnpickler(archive.read(data_name), archive, prefix, source).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:  # a damaged archive fails in many ways: name it and the reason
+        raise CheckpointError(f"cannot read TorchScript archive {source}: {type(exc).__name__}: {exc}") from None
     tensors: dict[str, torch.Tensor] = {}
     _flatten(root, "", tensors)
     if not tensors:
