@@ -69,7 +69,8 @@ def _closure(requirements: list[str]) -> set[str]:
 
 def test_cluster_venv_brings_what_the_heads_autoscaler_imports():
     """Item 1: the head's autoscaler runs under the cluster's environment (this package's runtime
-    dependencies, test extras excluded) and imports the AWS node provider's modules."""
+    dependencies plus the ``aws`` extra that cluster/Dockerfile installs, test extras excluded) and
+    imports the AWS node provider's modules."""
     import ray.autoscaler._private.aws as aws
 
     provider = yaml.safe_load((CLUSTER / "vm-aws.yaml").read_text())["provider"]["type"]
@@ -78,7 +79,9 @@ def test_cluster_venv_brings_what_the_heads_autoscaler_imports():
     assert {"boto3", "botocore"} <= needed
     distributions = metadata.packages_distributions()
     wanted = {re.sub(r"[-_.]+", "-", distributions[module][0]).lower() for module in needed}
-    runtime = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert '".[aws]"' in (CLUSTER / "Dockerfile").read_text()
+    runtime = project["dependencies"] + project["optional-dependencies"]["aws"]
     missing = wanted - _closure(runtime)
     assert not missing, f"the cluster's environment lacks {missing}, which Ray's {provider} launcher imports"
 
