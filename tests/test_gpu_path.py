@@ -236,3 +236,79 @@ def test_segment_batch_task_batches_and_isolates_a_bad_image(tiny_model, tmp_pat
         assert written["classes"] == expected.classes and written["height"] == image.shape[0]
         assert written["pixel_fractions"] == expected.pixel_fractions()
     assert not (tmp_path / "b.json").exists()
+
+
+class RefusingSweepSegmenter(Segmenter):
+    """A segmenter whose batched sweep, like the one above, refuses images 77 pixels wide."""
+
+    def segment_settings_many(self, images, *args, **kwargs):
+        self.batches.append(len(images))
+        if any(image.shape[1] == 77 for image in images):
+            raise ValueError("cannot take an image 77 pixels wide")
+        return super().segment_settings_many(images, *args, **kwargs)
+
+
+def _png(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_eval_task_batches_and_isolates_a_bad_image(tiny_model):
+    """eval predicts an actor batch's images together; a batch that fails is redone image by image,
+    and each image's confusion cells equal its own unbatched prediction's."""
+    from ovseg_ray.data.readers import custom_layout
+    from ovseg_ray.evaluation import metrics
+    from ovseg_ray.evaluation.benchmark import EvalTask
+
+    layout = custom_layout("toy", len(CLASSES), "images", "labels")
+    rng = np.random.default_rng(4)
+    images = [IMAGES[0], scene(60, 77, 5), IMAGES[1]]
+    labels = [rng.integers(0, len(CLASSES), image.shape[:2]).astype(np.uint8) for image in images]
+    rows = [{"image_uri": f"in/{n}.png", "label_uri": f"gt/{n}.png", "image_uri_bytes": _png(image),
+             "image_uri_error": "", "label_uri_bytes": _png(label), "label_uri_error": ""}
+            for n, (image, label) in enumerate(zip(images, labels))]
+    rows.append({**rows[0], "image_uri": "in/broken.png", "image_uri_bytes": b"not an image"})
+    settings = [(0.7, 0.4), (0.0, 0.4)]
+    task = EvalTask(layout, CLASSES, settings)
+    segmenter = RefusingSweepSegmenter(tiny_model, precision="fp32")
+    segmenter.batches = []
+    out = task.process_batch(segmenter, rows)
+    assert segmenter.batches == [3, 1, 1, 1]  # the readable images together, then each alone
+    by_image = {}
+    for row in out:
+        by_image.setdefault(row["image_uri"], []).append(row)
+    assert [r["stage"] for r in by_image["in/1.png"]] == ["model"] and "77 pixels" in by_image["in/1.png"][0]["reason"]
+    assert [r["stage"] for r in by_image["in/broken.png"]] == ["image"]
+    for n in (0, 2):
+        expected = Segmenter(tiny_model, precision="fp32").segment_settings(images[n], CLASSES, settings)
+        got = by_image[f"in/{n}.png"]
+        assert [r["setting"] for r in got] == [0, 1]
+        for row, pred in zip(got, expected):
+            cells, counts = metrics.confusion_cells(pred, labels[n].astype(np.int32), len(CLASSES))
+            assert row["cells"] == cells.tolist() and row["counts"] == counts.tolist()
+    # Batched when nothing fails: one sweep call for the two good images.
+    segmenter.batches = []
+    assert task.process_batch(segmenter, [rows[0], rows[2]]) == by_image["in/0.png"] + by_image["in/2.png"]
+    assert segmenter.batches == [2]
+
+
+def test_mining_proposals_of_a_batch_equal_each_image_alone(tiny_model):
+    """mining's proposal stage runs its batch's images through one MaskFormer forward per padded size:
+    the kept masks and objectness equal each image's own run."""
+    from ovseg_ray.mining.matching import ProposalMasks
+
+    stage = ProposalMasks(Segmenter(tiny_model, precision="fp32"), min_pixels=4)
+    nouns = [["ball", "car"], None, ["sky"], ["boat", "tree", "grass"]]
+    with count_calls(tiny_model.maskformer) as calls:
+        batched = stage.many(IMAGES, nouns)
+    assert calls[0] == 3
+    for image, words, many in zip(IMAGES, nouns, batched):
+        alone = stage(image, words)
+        assert many.indices == alone.indices and torch.equal(many.masks, alone.masks)
+        np.testing.assert_allclose(many.objectness, alone.objectness, atol=1e-5)
+        assert len(many.objectness) == (len(many.indices) if words else 0)

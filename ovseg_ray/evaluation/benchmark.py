@@ -185,38 +185,71 @@ class EvalTask:
         return segmenter.segment_settings(image, self.classes, self.settings)
 
     def process(self, segmenter, row: dict) -> list[dict]:
+        return self.process_batch(segmenter, [row])
+
+    def process_batch(self, segmenter, rows: list[dict]) -> list[dict]:
+        """The rows of a batch. Without an oracle the readable images are predicted together
+        (:meth:`Segmenter.segment_settings_many`: one MaskFormer forward per padded size); if that
+        fails on an input, each image alone, so that only the bad one is skipped."""
+        prepared = [self._prepare(row) for row in rows]
+        ready = [item for item in prepared if isinstance(item, tuple)]
+        batched = None
+        if len(ready) > 1 and not self.oracle:
+            try:
+                batched = segmenter.segment_settings_many([image for _, image, _ in ready], self.classes,
+                                                          self.settings)
+            except (RuntimeError, ValueError, MemoryError) as exc:
+                if is_device_failure(exc):
+                    raise  # the GPU's fault, not the images': fail the run; a re-run picks them up
+                logger.warning("a batch of %d images failed together (%s); predicting each alone", len(ready), exc)
+        out, n = [], 0
+        for item in prepared:
+            if isinstance(item, list):
+                out += item
+                continue
+            out += self._score(segmenter, *item, batched[n] if batched else None)
+            n += 1
+        return out
+
+    @staticmethod
+    def _skipped(base: dict, stage: str, reason: str) -> list[dict]:
+        return [{**base, "setting": -1, "cells": [], "counts": [], "stage": stage, "reason": reason}]
+
+    def _prepare(self, row: dict) -> tuple[dict, np.ndarray, np.ndarray] | list[dict]:
+        """(base row, image, label), or the skipped row when the label or the image cannot be used."""
         base = {"image_uri": row["image_uri"], "label_uri": row["label_uri"],
                 "worker": f"{socket.gethostname()}:{os.getpid()}"}
-
-        def skipped(stage: str, reason: str) -> list[dict]:
-            return [{**base, "setting": -1, "cells": [], "counts": [], "stage": stage, "reason": reason}]
-
         if row["label_uri_error"]:
-            return skipped("label", row["label_uri_error"])
+            return self._skipped(base, "label", row["label_uri_error"])
         try:
             label = decode_label(row["label_uri_bytes"], self.layout, source=row["label_uri"])
         except ImageDecodeError as exc:
-            return skipped("label", str(exc))
+            return self._skipped(base, "label", str(exc))
         if row["image_uri_error"]:
-            return skipped("image", row["image_uri_error"])
+            return self._skipped(base, "image", row["image_uri_error"])
         try:
             image = decode_image(row["image_uri_bytes"], source=row["image_uri"])
         except ImageDecodeError as exc:
-            return skipped("image", str(exc))
+            return self._skipped(base, "image", str(exc))
         if image.shape[:2] != label.shape:
-            return skipped("size", f"label {row['label_uri']} is {label.shape[1]}x{label.shape[0]} but image "
-                                   f"{row['image_uri']} is {image.shape[1]}x{image.shape[0]}")
+            return self._skipped(base, "size", f"label {row['label_uri']} is {label.shape[1]}x{label.shape[0]} "
+                                               f"but image {row['image_uri']} is {image.shape[1]}x{image.shape[0]}")
+        return base, image, label
+
+    def _score(self, segmenter, base: dict, image: np.ndarray, label: np.ndarray,
+               predictions: list[np.ndarray] | None) -> list[dict]:
+        """Sparse confusion cells per setting; ``predictions`` from a batch, else predicted here."""
         out = []
         try:
-            for index, pred in enumerate(self.predict(segmenter, image, label)):
+            for index, pred in enumerate(predictions or self.predict(segmenter, image, label)):
                 cells, counts = metrics.confusion_cells(pred, label, len(self.classes))
                 out.append({**base, "setting": index, "cells": cells.tolist(), "counts": counts.tolist(),
                             "stage": "", "reason": ""})
         except (RuntimeError, ValueError, MemoryError) as exc:  # e.g. an image the model cannot take
             if is_device_failure(exc):
                 raise  # the GPU's fault, not the image's: fail the run; a re-run picks it up
-            logger.exception("model failed on %s", row["image_uri"])
-            return skipped("model", f"{type(exc).__name__}: {exc}")
+            logger.exception("model failed on %s", base["image_uri"])
+            return self._skipped(base, "model", f"{type(exc).__name__}: {exc}")
         return out
 
 

@@ -91,17 +91,23 @@ class ProposalMasks:
             raise ValueError(f"mask threshold must be within (0, 1), got {self.threshold}")
         self.min_pixels = int(min_pixels)
 
-    @torch.no_grad()
     def __call__(self, image: np.ndarray, nouns: list[str] | None = None) -> ImageProposals:
         """The kept proposals; with ``nouns``, also each one's MaskFormer objectness: 1 - its "no
         object" probability when the image's nouns are the vocabulary (the official classifier)."""
-        proposals = self.segmenter.propose(image)
-        indices, masks = masks_at_size(proposals.mask_logits, image.shape[:2], self.threshold, self.min_pixels)
-        objectness = []
-        if nouns and indices:
-            kept = proposals.class_embeddings[torch.tensor(indices, device=proposals.class_embeddings.device)]
-            objectness = self.segmenter.maskformer_probs(kept, nouns).sum(dim=-1).float().cpu().tolist()
-        return ImageProposals(indices, masks, objectness)
+        return self.many([image], [nouns])[0]
+
+    @torch.no_grad()
+    def many(self, images: list[np.ndarray], nouns: list[list[str] | None]) -> list[ImageProposals]:
+        """:meth:`__call__` of several images, their MaskFormer forwards batched per padded size."""
+        out = []
+        for image, words, proposals in zip(images, nouns, self.segmenter.propose_each(images)):
+            indices, masks = masks_at_size(proposals.mask_logits, image.shape[:2], self.threshold, self.min_pixels)
+            objectness = []
+            if words and indices:
+                kept = proposals.class_embeddings[torch.tensor(indices, device=proposals.class_embeddings.device)]
+                objectness = self.segmenter.maskformer_probs(kept, words).sum(dim=-1).float().cpu().tolist()
+            out.append(ImageProposals(indices, masks, objectness))
+        return out
 
 
 class NounMatcher:

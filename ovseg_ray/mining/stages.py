@@ -179,11 +179,13 @@ class ProposalStage:
         indices, rles, boxes, objectness = [], [], [], []
         error_stage = batch.column("error_stage").to_pylist()
         error_reason = batch.column("error_reason").to_pylist()
-        for i, row in enumerate(batch.to_pylist()):
+        rows = batch.to_pylist()
+        batched = self._propose_together([row for row in rows if not row["error_stage"]])
+        for i, row in enumerate(rows):
             kept, counts, bboxes, scores = [], [], [], []
             if not row["error_stage"]:
                 try:
-                    proposals = self.stage(_image_from_row(row), list(row["nouns"]))
+                    proposals = batched.pop(0) if batched else self.stage(_image_from_row(row), list(row["nouns"]))
                 except Exception as exc:  # one bad image must not stop the run; it is recorded
                     if is_device_failure(exc):
                         raise  # the GPU's fault, not the image's: fail, a re-run resumes the shard
@@ -209,6 +211,19 @@ class ProposalStage:
         for (name, kind), values in zip(PROPOSAL_FIELDS, (indices, rles, boxes, objectness)):
             batch = batch.append_column(pa.field(name, kind), pa.array(values, kind))
         return batch
+
+    def _propose_together(self, rows: list[dict]) -> list | None:
+        """Proposals of the rows' images in batched MaskFormer forwards, or None (one image, or the
+        batch failed on an input: then each image goes alone, so only the bad one is recorded)."""
+        if len(rows) < 2:
+            return None
+        try:
+            return self.stage.many([_image_from_row(row) for row in rows], [list(row["nouns"]) for row in rows])
+        except Exception as exc:
+            if is_device_failure(exc):
+                raise
+            logger.warning("proposals of a batch of %d images failed together (%s); each goes alone", len(rows), exc)
+            return None
 
 
 class MatchingStage:
