@@ -181,16 +181,23 @@ def test_skipped_proposals_get_no_region(tiny_model, fp32, singles):
     assert result.num_valid_regions == int((valid & keep).sum())
     assert np.array_equal(result.labels, expected)
 
-    # the tiny model's random weights give every query a no-object probability near 1: all are skipped,
-    # the CLIP encoder never runs, and the fusion is that of no region at all
+    # random weights (the tiny preset without its shipped ones) give every query a no-object probability
+    # near 1: all are skipped, the CLIP encoder never runs, and the fusion is that of no region at all
+    from ovseg_ray.models.ovseg import build_model
+
+    random_model = build_model("tiny", weights="none")
+    plain = Segmenter(random_model, precision="fp32")
+    props = plain.propose(image)
+    p_mf = plain.maskformer_probs(props.class_embeddings, CLASSES)
     assert float((1.0 - p_mf.sum(1)).min()) > 0.5
-    with count_calls(tiny_model.region_encoder) as calls:
-        none_left = Segmenter(tiny_model, precision="fp32", skip_no_object_above=0.5).segment(image, CLASSES, lam=lam)
+    with count_calls(random_model.region_encoder) as calls:
+        none_left = Segmenter(random_model, precision="fp32", skip_no_object_above=0.5).segment(image, CLASSES,
+                                                                                              lam=lam)
     assert calls[0] == 0 and none_left.num_valid_regions == 0
-    no_region = torch.zeros_like(valid)
-    assert np.array_equal(none_left.labels, fp32.fuse(p_mf, p_clip[:0], no_region, props.mask_logits,
-                                                      image.shape[:2], lam))
-    assert not np.array_equal(none_left.labels, result.labels)
+    no_region = torch.zeros(len(p_mf), dtype=torch.bool)
+    assert np.array_equal(none_left.labels, plain.fuse(p_mf, p_clip[:0], no_region, props.mask_logits,
+                                                       image.shape[:2], lam))
+    assert not np.array_equal(none_left.labels, plain.segment(image, CLASSES, lam=lam).labels)
 
 
 class RefusingSegmenter(Segmenter):
