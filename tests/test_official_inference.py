@@ -27,17 +27,19 @@ def model():
     from ovseg_ray.models.ovseg import build_model
 
     built = build_model("tiny", seed=3)
-    propose = built.maskformer.propose
+    propose, propose_many = built.maskformer.propose, built.maskformer.propose_many
 
-    def varied(image):
-        out = propose(image)
+    def vary(out):
         logits = out["mask_logits"] * 6.0
         logits[FAINT] = logits[FAINT] * 0.02 - 0.4
         embeddings = out["class_embeddings"].clone()
         embeddings[FAINT] = -embeddings.mean(dim=0)  # the faint queries favour other classes
         return {"class_embeddings": torch.nn.functional.normalize(embeddings, dim=-1), "mask_logits": logits}
 
-    built.maskformer.propose = varied
+    # the reference calls propose, the Segmenter the batched propose_many: both see the same proposals
+    built.maskformer.propose = lambda image: vary(propose(image))
+    built.maskformer.propose_many = lambda images, *args, **kwargs: [
+        vary(out) for out in propose_many(images, *args, **kwargs)]
     return built
 
 
