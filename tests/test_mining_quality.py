@@ -55,7 +55,7 @@ def test_signals_by_hand(synth_dataset, tiny_model, one_thread):
                 if a["image_id"] == image_info["id"]][:2]
     uri = str(synth_dataset / "images" / image_info["file_name"])
     rows = [{"shard": 0, "image_id": image_info["id"], "image_uri": uri, "captions": captions}]
-    kwargs = {"preset": "tiny", "weights": None, "seed": 0, "device": "cpu", "threads": 1}
+    kwargs = {"preset": "tiny", "weights": "default", "seed": 0, "device": "cpu", "threads": 1}
     prepared = prepare_images(pa.Table.from_pylist(rows), compounds=True, extra_blocklist=[], max_image_pixels=10**8)
     proposed = ProposalStage(**kwargs, threshold=0.4, min_pixels=1)(prepared)
     matched = MatchingStage(**kwargs, min_score=None)(proposed).to_pylist()[0]

@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -309,7 +310,9 @@ def ft_run(ray_session, mined_pairs, tmp_path_factory):
     config_path = root / "train_clip.yaml"
     config_path.write_text(yaml.safe_dump(config))
     argv = ["train-clip", "--config", str(config_path)]
+    handler = signal.getsignal(signal.SIGINT)
     status, output = _run(argv)
+    assert signal.getsignal(signal.SIGINT) is handler  # Ray Train's own Ctrl-C handler is not left behind
     run_dir = root / "runs" / "ft"
     summary = json.loads((run_dir / "final" / "summary.json").read_text()) if status == 0 else None
     return {"status": status, "output": output, "argv": argv, "dir": run_dir, "summary": summary,

@@ -341,8 +341,10 @@ def mine_pairs(config: MiningConfig) -> MiningResult:
         try:
             _stream(ds, ShardCommitter(todo, layout, config.provenance(), config, progress))
         except KeyboardInterrupt:
-            committed = len(layout.completed_shards())
-            raise MiningInterrupted(committed, len(plan.shards), len(progress.written), layout.root) from None
+            # counted on storage: a worker may have committed a shard the driver has not heard of yet
+            committed = set(layout.completed_shards())
+            raise MiningInterrupted(len(committed), len(plan.shards), len(committed - set(done)),
+                                    layout.root) from None
         stats = "".join(f"actor pool {pool.describe()}\n" for pool in pools) + "\n" + _verbose_stats(ds)
         storage.write_text(layout.path("ray_data_stats.txt"), stats)
 

@@ -337,7 +337,8 @@ def deploy(config: ServeConfig) -> str:
     """
     num_gpus = {stage: resolve_num_gpus(getattr(config, stage).num_gpus) for stage in STAGE_DEPLOYMENTS}
     check_serve_capacity(config, num_gpus)
-    if config.model.weights and not storage.exists(config.model.weights):  # before any replica tries
+    weights = resolve_weights(config.model.preset, config.model.weights)  # "default": the shipped file
+    if weights and not storage.exists(weights):  # before any replica tries
         raise FileNotFoundError(f"model.weights not found: {config.model.weights}")
     serve.start(http_options=config.http.serve_options())
     client = _get_global_client()

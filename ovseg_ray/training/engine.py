@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 from contextlib import contextmanager
 
 from ..config import ConfigError
@@ -147,7 +149,16 @@ def _fit(loop: str, loop_config: dict, run: RunSection, use_gpu: bool, datasets:
         ),
         datasets=datasets,
     )
-    return trainer.fit()
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
+    try:
+        return trainer.fit()
+    finally:
+        # fit() installs a SIGINT handler that aborts its controller and never removes it: left there,
+        # a later Ctrl-C in this process (reproduce's next step, a mining run) would only abort a
+        # finished run, and the handler's reference would keep the controller actor alive.
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _already_finished(directory: str, record: tuple, what: str) -> dict | None:
