@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -95,28 +94,28 @@ def test_a_no_op_rerun_keeps_the_first_runs_figures(mined_pairs, synth_dataset, 
     assert json.loads((out / "summary.json").read_text()) == again
 
 
-def test_ctrl_c_says_what_was_committed_and_how_to_resume(ray_session, synth_dataset, tmp_path, capsys):
-    """A real SIGINT to this process once the first shard is committed, as Ctrl-C in a terminal sends."""
-    from ovseg_ray.cli import main
+def test_ctrl_c_says_what_was_committed_and_how_to_resume(ray_session, synth_dataset, tmp_path):
+    """A real SIGINT, as Ctrl-C in a terminal sends, to an ``ovseg-ray mine`` process (joined to the
+    test session's Ray) once its first shard is committed."""
+    import subprocess
+    import sys
 
     out = tmp_path / "mined"
     marker = out / "shards" / "shard-00000.json"
-
-    def interrupt_after_first_shard():
-        deadline = time.time() + 300
-        while not marker.exists() and time.time() < deadline:
-            time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    watcher = threading.Thread(target=interrupt_after_first_shard, daemon=True)
-    watcher.start()
-    status = main(["mine", "--images", str(synth_dataset / "images"),
-                   "--captions", str(synth_dataset / "annotations/captions.json"), "--output", str(out),
-                   "--shard-size", "1", "--max-images", "6", "--proposals.num-cpus", "0.25",
-                   "--proposals.batch-size", "1", "--matching.num-cpus", "0.25", "--matching.batch-size", "1"])
-    watcher.join()
-    err = capsys.readouterr().err
-    assert status == 130, err[-3000:]
+    argv = ["mine", "--images", str(synth_dataset / "images"),
+            "--captions", str(synth_dataset / "annotations/captions.json"), "--output", str(out),
+            "--shard-size", "1", "--max-images", "6", "--proposals.num-cpus", "0.25",
+            "--proposals.batch-size", "1", "--matching.num-cpus", "0.25", "--matching.batch-size", "1",
+            "--address", ray_session.get_runtime_context().gcs_address]
+    process = subprocess.Popen([sys.executable, "-c", "import sys; from ovseg_ray.cli import main; "
+                                "sys.exit(main(sys.argv[1:]))", *argv],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not marker.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-3000:]
     committed = len(OutputLayout(str(out)).completed_shards())
     assert 1 <= committed < 6
     assert err.strip().splitlines()[-1] == (
