@@ -105,8 +105,9 @@ def time_mining(preset: str, images: int, work: Path, smoke: bool) -> None:
         summary = mine_pairs(config).summary
     finally:
         ray.shutdown()
-    steady = summary.get("steady_images_per_s")
-    end_to_end = images / summary["wall_time_s"]
+    run = summary["this_run"]  # this run's speed (a summary also keeps earlier runs' figures apart)
+    steady = run.get("steady_images_per_s")
+    end_to_end = images / run["wall_time_s"]
     REPORT["timings"][f"mining {preset}"] = {"images": images, "steady_images_per_s": steady,
                                             "end_to_end_images_per_s": end_to_end, "pairs": summary.get("pairs")}
     print(f"mining {preset}: {steady or float('nan'):.2f} images/s steady, {end_to_end:.2f} end to end "

@@ -251,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fake autoscaling cluster: head (0 CPUs) at {address}, 0-{args.workers} workers of 1 CPU, "
               f"temp dir {temp_dir}", flush=True)
 
+        # This driver too: with the variable unset Ray turns 127.0.0.1 into the machine's address,
+        # where a head started with --node-ip-address=127.0.0.1 does not listen.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         import ray
         import ray.data
 
