@@ -77,7 +77,7 @@ def cluster_config(workers: int, idle_minutes: float, gcs_address: str) -> dict:
     return {
         "cluster_name": "ovseg-mining-autoscale", "max_workers": workers, "upscaling_speed": 1.0,
         "idle_timeout_minutes": idle_minutes,
-        "provider": {"type": "fake_multi_node", "use_node_id_as_ip": True, "disable_launch_config_check": True,
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_launch_config_check": True,
                      "disable_node_updaters": True, "gcs_address": gcs_address},
         "auth": {"ssh_user": "ray"}, "docker": {},
         "head_node_type": "ray.head.default",
