@@ -4,12 +4,13 @@ Ray side, how many GPUs to ask for and which one an actor got, is in ``ovseg_ray
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
@@ -42,6 +43,20 @@ def is_device_failure(exc: BaseException) -> bool:
     text = str(exc)
     return isinstance(exc, RuntimeError) and any(key in text for key in ("CUDA", "cuDNN", "NCCL", "cuBLAS"))
 
+
+
+def batch_or_none(run: Callable[[], T], count: int, what: str,
+                  errors: tuple[type[BaseException], ...] = (Exception,)) -> T | None:
+    """``run()`` on a batch of ``count`` inputs, or None when it fails on an input (``errors``): the
+    caller then takes each input alone, so that only the bad one is recorded. A failure of the
+    device is raised (:func:`is_device_failure`): a re-run picks the inputs up."""
+    try:
+        return run()
+    except errors as exc:
+        if is_device_failure(exc):
+            raise
+        logger.warning("%s of a batch of %d failed together (%s); each goes alone", what, count, exc)
+        return None
 
 #: The precisions every engine accepts (``ModelConfig.precision``, the training configs' ``optim.precision``).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

@@ -25,7 +25,7 @@ from ..config import ModelConfig, StrictModel
 from ..data.benchmarks import class_list, read_class_names
 from ..data.images import ImageDecodeError, decode_image
 from ..data.readers import BENCHMARKS, BenchmarkLayout, BenchmarkReader, custom_layout, decode_label
-from ..device import is_device_failure
+from ..device import batch_or_none, is_device_failure
 from ..models.official import BENCHMARK_LAMBDAS, DEFAULT_LAMBDA
 from ..models.ovseg import resolve_weights, shipped_weights
 
@@ -195,13 +195,9 @@ class EvalTask:
         ready = [item for item in prepared if isinstance(item, tuple)]
         batched = None
         if len(ready) > 1 and not self.oracle:
-            try:
-                batched = segmenter.segment_settings_many([image for _, image, _ in ready], self.classes,
-                                                          self.settings)
-            except (RuntimeError, ValueError, MemoryError) as exc:
-                if is_device_failure(exc):
-                    raise  # the GPU's fault, not the images': fail the run; a re-run picks them up
-                logger.warning("a batch of %d images failed together (%s); predicting each alone", len(ready), exc)
+            batched = batch_or_none(
+                lambda: segmenter.segment_settings_many([image for _, image, _ in ready], self.classes, self.settings),
+                len(ready), "predictions", errors=(RuntimeError, ValueError, MemoryError))
         out, n = [], 0
         for item in prepared:
             if isinstance(item, list):

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from ..config import ConfigError
 from ..data.pairs import decode_mask, encode_mask
-from ..device import is_device_failure
+from ..device import batch_or_none, is_device_failure
 
 logger = logging.getLogger(__name__)
 
@@ -180,12 +180,18 @@ class ProposalStage:
         error_stage = batch.column("error_stage").to_pylist()
         error_reason = batch.column("error_reason").to_pylist()
         rows = batch.to_pylist()
-        batched = self._propose_together([row for row in rows if not row["error_stage"]])
+        readable = [row for row in rows if not row["error_stage"]]
+        batched = None
+        if len(readable) > 1:
+            batched = batch_or_none(lambda: self.stage.many([_image_from_row(row) for row in readable],
+                                                            [list(row["nouns"]) for row in readable]),
+                                    len(readable), "proposals")
+        batched = iter(batched) if batched else None
         for i, row in enumerate(rows):
             kept, counts, bboxes, scores = [], [], [], []
             if not row["error_stage"]:
                 try:
-                    proposals = batched.pop(0) if batched else self.stage(_image_from_row(row), list(row["nouns"]))
+                    proposals = next(batched) if batched else self.stage(_image_from_row(row), list(row["nouns"]))
                 except Exception as exc:  # one bad image must not stop the run; it is recorded
                     if is_device_failure(exc):
                         raise  # the GPU's fault, not the image's: fail, a re-run resumes the shard
@@ -211,19 +217,6 @@ class ProposalStage:
         for (name, kind), values in zip(PROPOSAL_FIELDS, (indices, rles, boxes, objectness)):
             batch = batch.append_column(pa.field(name, kind), pa.array(values, kind))
         return batch
-
-    def _propose_together(self, rows: list[dict]) -> list | None:
-        """Proposals of the rows' images in batched MaskFormer forwards, or None (one image, or the
-        batch failed on an input: then each image goes alone, so only the bad one is recorded)."""
-        if len(rows) < 2:
-            return None
-        try:
-            return self.stage.many([_image_from_row(row) for row in rows], [list(row["nouns"]) for row in rows])
-        except Exception as exc:
-            if is_device_failure(exc):
-                raise
-            logger.warning("proposals of a batch of %d images failed together (%s); each goes alone", len(rows), exc)
-            return None
 
 
 class MatchingStage:
