@@ -46,6 +46,9 @@ def mining_config(data: Path, output: Path, max_actors: int) -> dict:
     return {
         "images": str(data / "images"), "captions": str(data / "annotations" / "captions.json"),
         "output": str(output), "shard_size": 4, "load_num_cpus": 0.25,
+        # Ray's fake nodes cannot declare memory (its provider refuses the resource), so a memory
+        # reservation would make the autoscaler call the loading tasks infeasible and add no node for them.
+        "load_memory_mb": 0,
         "proposals": {"batch_size": 1, "min_actors": 1, "max_actors": max_actors, "num_cpus": 0.5,
                       "max_tasks_in_flight_per_actor": 4},
         "matching": {"batch_size": 2, "min_actors": 1, "max_actors": 2, "num_cpus": 0.5},
