@@ -178,7 +178,12 @@ def test_two_ddp_workers_give_the_single_process_gradient():
     for rank, grads in outcome:
         assert set(grads) == set(reference)
         for name, grad in grads.items():
-            torch.testing.assert_close(torch.tensor(grad), reference[name], rtol=1e-3, atol=1e-6, msg=name)
+            # Summation order differs between 1 and 2 processes: an element whose gradient is near zero
+            # moves by float noise of the tensor's scale (seen: 6.7e-6 in a tensor whose largest is 9.4),
+            # so the absolute tolerance follows that scale; a missing or doubled all-reduce is off by 50 %.
+            scale = float(reference[name].abs().max())
+            torch.testing.assert_close(torch.tensor(grad), reference[name], rtol=1e-3, atol=1e-6 + 1e-5 * scale,
+                                       msg=name)
     assert max(g.abs().max() for g in reference.values()) > 1e-4
 
 

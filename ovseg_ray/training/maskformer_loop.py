@@ -72,11 +72,13 @@ def run_maskformer_training(loop_config: dict, session: TrainSession) -> None:
     per_worker = settings.batch_size // world
     run, fault = config.run, config.fault_injection
     shard = session.shard("train")
-    window = {"loss": 0.0, "ce": 0.0, "mask": 0.0, "dice": 0.0, "steps": 0, "images": 0, "start": time.perf_counter()}
+    window = _new_window()
     while step < settings.max_steps:
         passes += 1
         batches = shard.iter_batches(batch_size=per_worker, batch_format="numpy", prefetch_batches=2)
+        waiting_since = time.perf_counter()
         for batch in lockstep(batches, device):
+            window["data_s"] += time.perf_counter() - waiting_since  # the step waited on the data pipeline
             ok = np.asarray(batch["ok"], bool)
             for uri, reason in zip(batch["label_uri"][~ok], batch["error"][~ok]):
                 if uri not in skipped:
@@ -102,10 +104,11 @@ def run_maskformer_training(loop_config: dict, session: TrainSession) -> None:
                 metrics = _window_metrics(window, step, passes, trainer.lr, world)
                 history.append(metrics)
                 if rank == 0:
-                    logger.info("step %d/%d: loss %.4f (ce %.4f, mask %.4f, dice %.4f), %.3f s/step, %.1f images/s, "
-                                "lr %.3g", step, settings.max_steps, metrics["loss"], metrics["ce"], metrics["mask"],
-                                metrics["dice"], metrics["step_s"], metrics["images_per_s"], metrics["lr"])
-                window.update(loss=0.0, ce=0.0, mask=0.0, dice=0.0, steps=0, images=0, start=time.perf_counter())
+                    logger.info("step %d/%d: loss %.4f (ce %.4f, mask %.4f, dice %.4f), %.3f s/step (%.3f waiting for "
+                                "data), %.1f images/s, lr %.3g", step, settings.max_steps, metrics["loss"],
+                                metrics["ce"], metrics["mask"], metrics["dice"], metrics["step_s"], metrics["data_s"],
+                                metrics["images_per_s"], metrics["lr"])
+                window = _new_window()
                 with tempfile.TemporaryDirectory() as checkpoint_dir:
                     if save_now:
                         all_skipped = _gather_skipped(skipped, world)
@@ -117,17 +120,25 @@ def run_maskformer_training(loop_config: dict, session: TrainSession) -> None:
                                    f"step-{step:07d}" if save_now else None)
             if step >= settings.max_steps:
                 break
+            waiting_since = time.perf_counter()
     all_skipped = _gather_skipped(skipped, world)
     if rank == 0:
         _write_final(config, trainer, directory, history, resumed_at, all_skipped, loop_config)
 
 
+def _new_window() -> dict:
+    return {"loss": 0.0, "ce": 0.0, "mask": 0.0, "dice": 0.0, "steps": 0, "images": 0, "data_s": 0.0,
+            "start": time.perf_counter()}
+
+
 def _window_metrics(window: dict, step: int, passes: int, lr: float, world: int) -> dict:
+    """The window's means; ``data_s`` is the part of ``step_s`` spent waiting for the next batch."""
     steps = max(1, window["steps"])
     seconds = time.perf_counter() - window["start"]
     return {"step": step, "pass": passes, "loss": window["loss"] / steps, "ce": window["ce"] / steps,
             "mask": window["mask"] / steps, "dice": window["dice"] / steps, "step_s": seconds / steps,
-            "images_per_s": window["images"] * world / max(seconds, 1e-9), "lr": lr}
+            "data_s": window["data_s"] / steps, "images_per_s": window["images"] * world / max(seconds, 1e-9),
+            "lr": lr}
 
 
 def _write_final(config: TrainMaskFormerConfig, trainer: MaskFormerTrainer, directory: str, history: list[dict],
