@@ -295,4 +295,10 @@ def test_relative_output_paths_are_refused_inside_a_ray_job(tmp_path, image, mon
         assert "is a relative path, and this runs inside a Ray job" in err and "s3:// URI" in err
     batch = ["segment-batch", "--input", str(Path(image).parent), "--classes", "sky", "--out", "batch"]
     assert main(batch) == 2 and "error: out 'batch' is a relative path" in capsys.readouterr().err
+    for argv in (["train-maskformer", "--data.root", "/data"],  # the other Ray Train commands' defaults
+                 ["pretrain-clip", "--data.images", "/data/images", "--data.captions", "/data/captions.json"]):
+        assert main(argv) == 2, argv
+        assert "error: run.storage_path 'runs/" in capsys.readouterr().err
+    assert main(["reproduce", "--out", "runs/repro"]) == 2
+    assert "error: out 'runs/repro' is a relative path" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir()]

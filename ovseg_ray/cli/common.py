@@ -85,11 +85,13 @@ def refuse_relative_paths_in_job(paths: dict[str, str | list[str] | None]) -> No
 
 def run_training(args: argparse.Namespace, config, train: Callable):
     """Join or start Ray and run a Ray Train command's ``train(config)``; its summary, or None after a
-    one-line error when training failed for good (a re-run resumes from the last checkpoint)."""
+    one-line error when training failed for good (a re-run resumes from the last checkpoint). Inside a
+    Ray job a relative ``run.storage_path`` (every command's default) is refused first."""
     from ray.train import TrainingFailedError
 
     from ..raycluster import init_ray
 
+    refuse_relative_paths_in_job({"run.storage_path": config.run.storage_path})
     init_ray(args.address)
     try:
         return train(config)

@@ -16,7 +16,7 @@ import argparse
 
 from ..config import config_from_args
 from ..workflows.reproduce import ReproduceConfig
-from .common import add_config_command
+from .common import add_config_command, refuse_relative_paths_in_job
 
 
 def register(subparsers) -> None:
@@ -27,5 +27,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..workflows.reproduce import reproduce
 
-    reproduce(config_from_args(args, ReproduceConfig))
+    config = config_from_args(args, ReproduceConfig)
+    refuse_relative_paths_in_job({"out": config.out})
+    reproduce(config)
     return 0

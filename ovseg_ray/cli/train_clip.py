@@ -19,7 +19,7 @@ import argparse
 
 from ..config import config_from_args
 from ..training.clip_config import TrainClipConfig
-from .common import add_config_command, refuse_relative_paths_in_job, run_training
+from .common import add_config_command, run_training
 
 
 def register(subparsers) -> None:
@@ -31,7 +31,6 @@ def run(args: argparse.Namespace) -> int:
     from ..training.engine import train_clip
 
     config = config_from_args(args, TrainClipConfig)
-    refuse_relative_paths_in_job({"run.storage_path": config.run.storage_path})
     summary = run_training(args, config, train_clip)
     if summary is None:
         return 1
