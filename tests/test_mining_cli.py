@@ -96,9 +96,9 @@ def test_a_no_op_rerun_keeps_the_first_runs_figures(mined_pairs, synth_dataset, 
 
 def test_ctrl_c_says_what_was_committed_and_how_to_resume(ray_session, synth_dataset, tmp_path):
     """A real SIGINT, as Ctrl-C in a terminal sends, to an ``ovseg-ray mine`` process (joined to the
-    test session's Ray) once its first shard is committed. All 12 images, one shard each: in the full
-    suite a 6-shard run once committed its last shards within 0.2 s of the first and exited 0, the
-    signal apparently too late to land, so the run must outlast the first commit by more than a poll."""
+    test session's Ray) once its first shard is committed. The child installs Python's own SIGINT
+    handler, as a process started from a terminal has it: a test run launched in the background
+    (``nohup ... &``) ignores SIGINT, the child inherits that and would never see the signal."""
     import subprocess
     import sys
 
@@ -106,10 +106,11 @@ def test_ctrl_c_says_what_was_committed_and_how_to_resume(ray_session, synth_dat
     marker = out / "shards" / "shard-00000.json"
     argv = ["mine", "--images", str(synth_dataset / "images"),
             "--captions", str(synth_dataset / "annotations/captions.json"), "--output", str(out),
-            "--shard-size", "1", "--max-images", "12", "--proposals.num-cpus", "0.25",
+            "--shard-size", "1", "--max-images", "6", "--proposals.num-cpus", "0.25",
             "--proposals.batch-size", "1", "--matching.num-cpus", "0.25", "--matching.batch-size", "1",
             "--address", ray_session.get_runtime_context().gcs_address]
-    process = subprocess.Popen([sys.executable, "-c", "import sys; from ovseg_ray.cli import main; "
+    process = subprocess.Popen([sys.executable, "-c", "import signal, sys; from ovseg_ray.cli import main; "
+                                "signal.signal(signal.SIGINT, signal.default_int_handler); "
                                 "sys.exit(main(sys.argv[1:]))", *argv],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -121,8 +122,8 @@ def test_ctrl_c_says_what_was_committed_and_how_to_resume(ray_session, synth_dat
     assert running, f"the run ended before the signal was sent (exit {process.returncode}): {err[-2000:]}"
     assert process.returncode == 130, err[-3000:]
     committed = len(OutputLayout(str(out)).completed_shards())
-    assert 1 <= committed < 12
+    assert 1 <= committed < 6
     assert err.strip().splitlines()[-1] == (
-        f"interrupted: {committed} of 12 shards are committed in {out} ({committed} by this run); "
-        f"re-run the same command to mine the other {12 - committed}")
+        f"interrupted: {committed} of 6 shards are committed in {out} ({committed} by this run); "
+        f"re-run the same command to mine the other {6 - committed}")
     assert "Traceback" not in err
