@@ -76,7 +76,8 @@ def ray_loop(root: str, storage_path: str, args) -> float:
     window = max(1, args.steps // 4)
     config = load_config(TrainMaskFormerConfig, None, {
         "data.root": root, "data.augment.crop_size": args.crop, "data.augment.short_sides": [args.crop],
-        "data.augment_seed": 0, "data.preprocess_cpus": args.preprocess_cpus, "data.preprocess_batch_rows": args.preprocess_batch_rows,
+        "data.augment_seed": 0, "data.preprocess_cpus": args.preprocess_cpus,
+        "data.preprocess_batch_rows": args.preprocess_batch_rows,
         "model.preset": args.preset, "optim.max_steps": args.steps, "optim.batch_size": args.batch_size,
         "optim.lr": 1e-3, "optim.warmup_steps": 0, "optim.checkpoint_every_steps": args.steps,
         "run.storage_path": storage_path, "run.name": f"bench-{os.getpid()}", "run.num_workers": 1,
