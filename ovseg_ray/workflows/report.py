@@ -102,7 +102,8 @@ def write_report(config, models: dict[str, tuple[str, str]], results: dict[str, 
             f"world of seed {config.seed} (`ovseg-ray synth --world open`): a CLIP pretrained on its images and "
             "captions, the MaskFormer trained on its 52 seen classes with that CLIP's text embeddings, pairs mined "
             "from its captions, then FT and MPT of the CLIP on them (the row 'FT, then MPT' below).", "",
-            "```", f"ovseg-ray reproduce {' '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in config.model_dump().items())}",
+            "```", "ovseg-ray reproduce " + " ".join(f"--{key.replace('_', '-')} {'null' if value is None else value}"
+                                                     for key, value in config.model_dump().items()),
             "```", "", "Its numbers, on held-out images of that world (mIoU %, all / seen / unseen):", "",
             text.split("## Table 3", 1)[1].split("## Table 2", 1)[0].strip().split("\n", 1)[1], "",
             "It knows only the open world's 72 classes (`ovseg_ray/data/world.py`): it segments the synthetic "
