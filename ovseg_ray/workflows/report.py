@@ -86,6 +86,8 @@ def figure(config, models: dict[str, tuple[str, str]], path: str) -> None:
 
 
 def write_report(config, models: dict[str, tuple[str, str]], results: dict[str, dict], timings: dict) -> dict:
+    from .reproduce import _flags
+
     text = tables(config, results)
     minutes = sum(v for k, v in timings.items() if not k.startswith("total")) / 60
     text += (f"\nSteps' wall time on this machine: {minutes:.1f} minutes in all "
@@ -102,8 +104,7 @@ def write_report(config, models: dict[str, tuple[str, str]], results: dict[str, 
             f"world of seed {config.seed} (`ovseg-ray synth --world open`): a CLIP pretrained on its images and "
             "captions, the MaskFormer trained on its 52 seen classes with that CLIP's text embeddings, pairs mined "
             "from its captions, then FT and MPT of the CLIP on them (the row 'FT, then MPT' below).", "",
-            "```", "ovseg-ray reproduce " + " ".join(f"--{key.replace('_', '-')} {'null' if value is None else value}"
-                                                     for key, value in config.model_dump().items()),
+            "```", "ovseg-ray reproduce " + " ".join(_flags(**config.model_dump())),
             "```", "", "Its numbers, on held-out images of that world (mIoU %, all / seen / unseen):", "",
             text.split("## Table 3", 1)[1].split("## Table 2", 1)[0].strip().split("\n", 1)[1], "",
             "It knows only the open world's 72 classes (`ovseg_ray/data/world.py`): it segments the synthetic "

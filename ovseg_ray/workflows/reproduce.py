@@ -77,8 +77,9 @@ def _run(argv: list[str], timings: dict, name: str) -> None:
 
 
 def _flags(**values) -> list[str]:
+    """``a__b_c=8`` -> ``--a.b-c 8``; None is written ``null``, as the CLI's YAML parsing reads it."""
     return [item for key, value in values.items() for item in (f"--{key.replace('__', '.').replace('_', '-')}",
-                                                               str(value))]
+                                                               "null" if value is None else str(value))]
 
 
 def model_config(config: ReproduceConfig) -> str:
@@ -113,8 +114,7 @@ def train_all(config: ReproduceConfig, timings: dict) -> dict[str, str]:
                                       model__preset=plain, model__clip_weights=clip,
                                       optim__max_steps=config.maskformer_steps, optim__batch_size=config.maskformer_batch,
                                       optim__checkpoint_every_steps=max(1, config.maskformer_steps // 3),
-                                      optim__grad_clip_norm="null" if config.maskformer_grad_clip is None
-                                      else config.maskformer_grad_clip,
+                                      optim__grad_clip_norm=config.maskformer_grad_clip,
                                       optim__seed=config.seed, run__name="maskformer"), *common],
          timings, "train-maskformer")
     maskformer = f"{runs}/maskformer/final/model.safetensors"
