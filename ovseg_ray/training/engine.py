@@ -184,6 +184,8 @@ def _finished_or_fail(directory: str, result) -> dict:
 
 def load_pairs(config: TrainClipConfig):
     """The pairs as a Ray Dataset of decoded regions, their row count and the sorted vocabulary."""
+    import pyarrow.compute
+    import pyarrow.dataset
     import ray.data
 
     uri = config.data.source()
@@ -192,11 +194,13 @@ def load_pairs(config: TrainClipConfig):
     if config.data.instances:  # ground-truth pairs: every instance mask with its category name
         images = config.data.instance_images
         images = images if storage.is_remote(images) else os.path.abspath(images)  # workers read these URIs
-        ds = ray.data.from_arrow(coco_instance_pairs("", config.data.instances, images))
+        table = coco_instance_pairs("", config.data.instances, images)
+        ds = ray.data.from_arrow(table)
     else:
         files = pair_files(uri)
-        filesystem = _filesystem(files[0])[0]
-        ds = ray.data.read_parquet([_filesystem(f)[1] for f in files], filesystem=filesystem)
+        filesystem, paths = _filesystem(files[0])[0], [_filesystem(f)[1] for f in files]
+        ds = ray.data.read_parquet(paths, filesystem=filesystem)
+        table = None
     missing = [c for c in REQUIRED_PAIR_COLUMNS if c not in ds.schema().names]
     if missing:
         raise ValueError(f"the pairs table {uri} lacks the column(s) {', '.join(missing)} "
@@ -207,7 +211,12 @@ def load_pairs(config: TrainClipConfig):
     rows = ds.count()
     if rows == 0:
         raise ValueError(f"the pairs table {uri} has no rows")
-    nouns = {str(n).strip() for n in ds.unique("noun") if n is not None}
+    # The vocabulary from the noun column alone, read here: a Ray Data aggregation would start
+    # worker processes for it (about 7 s each on a small machine, for every run).
+    if table is None:  # a folder (one path) or the listed files; only the noun column is read
+        table = pyarrow.dataset.dataset(paths[0] if len(paths) == 1 else paths, filesystem=filesystem,
+                                        format="parquet").to_table(columns=["noun"])
+    nouns = {str(n).strip() for n in pyarrow.compute.unique(table.column("noun")).to_pylist() if n is not None}
     vocabulary = sorted(n for n in nouns if noun_problem(n) is None)  # others: skipped rows
     if not vocabulary:
         raise ValueError(f"the pairs table {uri} has no non-empty nouns")

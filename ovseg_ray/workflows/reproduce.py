@@ -65,7 +65,20 @@ class ReproduceConfig(StrictModel):
         return os.path.join(os.path.abspath(self.out), *parts)
 
 
-def _run(argv: list[str], timings: dict, name: str) -> None:
+class StepTimes(dict):
+    """Seconds per step, kept in ``OUT/timings.json`` after every step. A step's first complete run
+    stands: re-running the command finds it finished in no time, which is not its cost."""
+
+    def __init__(self, path: str):
+        super().__init__(json.loads(storage.read_bytes(path)) if os.path.exists(path) else {})
+        self.path = path
+
+    def record(self, name: str, seconds: float) -> None:
+        self.setdefault(name, round(seconds, 1))
+        storage.write_text(self.path, json.dumps(self, indent=1))
+
+
+def _run(argv: list[str], timings: StepTimes, name: str) -> None:
     from ..cli import main as cli
 
     print(f"\n=== reproduce: {name}: ovseg-ray {' '.join(argv)}", flush=True)
@@ -73,7 +86,7 @@ def _run(argv: list[str], timings: dict, name: str) -> None:
     status = cli(argv)
     if status:
         raise RuntimeError(f"step {name} failed (status {status}); fix it and re-run the same command to resume")
-    timings[name] = round(time.perf_counter() - started, 1)
+    timings.record(name, time.perf_counter() - started)
 
 
 def _flags(**values) -> list[str]:
@@ -95,7 +108,7 @@ def model_config(config: ReproduceConfig) -> str:
     return path
 
 
-def train_all(config: ReproduceConfig, timings: dict) -> dict[str, str]:
+def train_all(config: ReproduceConfig, timings: StepTimes) -> dict[str, str]:
     """Every training step; returns each row's model (config .json, weights)."""
     world, runs, plain = config.path("world"), config.path("runs"), model_config(config)
     if not os.path.exists(os.path.join(world, "eval", "labels")):
@@ -140,7 +153,7 @@ def train_all(config: ReproduceConfig, timings: dict) -> dict[str, str]:
     return models
 
 
-def evaluate_all(config: ReproduceConfig, models: dict[str, tuple[str, str]], timings: dict) -> dict[str, dict]:
+def evaluate_all(config: ReproduceConfig, models: dict[str, tuple[str, str]], timings: StepTimes) -> dict[str, dict]:
     """``ovseg-ray eval`` of every row on the held-out split; returns each row's results."""
     from ..data.world import SEEN
 
@@ -170,13 +183,11 @@ def reproduce(config: ReproduceConfig) -> dict:
     from .report import write_report
 
     started = time.perf_counter()
-    timings_path = config.path("timings.json")
-    timings = json.loads(storage.read_bytes(timings_path)) if os.path.exists(timings_path) else {}
+    timings = StepTimes(config.path("timings.json"))
     models = train_all(config, timings)
-    storage.write_text(timings_path, json.dumps(timings, indent=1))
     results = evaluate_all(config, models, timings)
-    timings["total_s (this run)"] = round(time.perf_counter() - started, 1)
-    storage.write_text(timings_path, json.dumps(timings, indent=1))
+    timings.pop("total_s (this run)", None)
+    timings.record("total_s (this run)", time.perf_counter() - started)
     summary = write_report(config, models, results, timings)
     print(f"reproduce: done in {timings['total_s (this run)']:.0f}s; report {config.path('results.md')}")
     return summary
