@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -27,6 +28,8 @@ from ..config import ConfigError, settings_changes
 from . import storage
 from .coco import shard_name
 from .pairs import ERROR_SCHEMA, PAIR_SCHEMA
+
+logger = logging.getLogger(__name__)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -154,3 +157,27 @@ class OutputLayout:
         return pa.concat_tables(tables)
 
 
+def pair_files(uri: str) -> list[str]:
+    """The Parquet files of pairs at ``uri``, for training, previews and exports alike. For a mining
+    output (its root or its ``pairs/`` folder) only the committed shards' files: never its errors
+    table nor a crashed shard's leftovers. Otherwise a folder's ``.parquet`` files, or the one file."""
+    layout = OutputLayout.find(uri)
+    if layout is not None:
+        files = layout.committed_files("pairs")
+        if not files:
+            raise ValueError(f"the mining output {layout.root} has no finished shard yet")
+        summary = layout.path("summary.json")
+        if not (storage.exists(summary) and json.loads(storage.read_bytes(summary)).get("complete")):
+            logger.warning("reading the %d finished shards of the unfinished mining run %s", len(files), layout.root)
+        return files
+    nested = storage.join(uri, "pairs")
+    if storage.exists(nested):
+        uri = nested
+    fs, path = storage.filesystem(uri)
+    with storage.remote_access(uri):
+        if fs.isfile(path):
+            return [uri]
+    files = storage.list_files(uri, suffixes=[".parquet"])
+    if not files:
+        raise FileNotFoundError(f"no Parquet files of pairs under {uri}")
+    return files

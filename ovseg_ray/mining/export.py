@@ -30,10 +30,10 @@ from PIL import Image
 
 from ..data import storage
 from ..data.images import load_image
+from ..data.pair_store import pair_files
 from ..data.pairs import decode_mask
 from ..models.clip import CLIP_MEAN
 from ..models.regions import mask_boxes
-from .preview import pair_files
 
 FILL = tuple(int(round(255 * c)) for c in CLIP_MEAN)
 FORMATS = ("webdataset", "csv")

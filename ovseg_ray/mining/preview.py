@@ -15,29 +15,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..data import storage
 from ..data.images import encode_png, load_image
+from ..data.pair_store import pair_files
 from ..data.pairs import PAIR_SCHEMA, decode_mask
 
 CAPTION_HEIGHT = 22
 OUTLINE = (255, 220, 0)
-
-
-def pair_files(uri: str) -> list[str]:
-    """Parquet files of a mining output (its committed shards), a folder of Parquet, or one file."""
-    from ..data.pair_store import OutputLayout
-
-    layout = OutputLayout.find(uri)
-    if layout is not None:
-        files = layout.committed_files("pairs")
-        if not files:
-            raise FileNotFoundError(f"the mining output {layout.root} has no finished shard yet")
-        return files
-    nested = storage.join(uri, "pairs")
-    if storage.exists(nested):
-        uri = nested
-    files = storage.list_files(uri, suffixes=[".parquet"])
-    if not files:
-        raise FileNotFoundError(f"no Parquet files of pairs under {uri}")
-    return files
 
 
 def read_pairs(uri: str) -> pa.Table:

@@ -11,7 +11,7 @@ from pydantic import Field, model_validator
 
 from ..config import ConfigError, ModelPreset, StrictModel
 from ..data import storage
-from ..data.pair_store import OutputLayout
+from ..data.pair_store import OutputLayout, pair_files  # noqa: F401  (re-exported for the engine)
 from ..models.ovseg import resolve_weights
 from ..weights.readers import safetensors_metadata
 from . import runs
@@ -140,16 +140,3 @@ def check_start_weights(config: TrainClipConfig) -> None:
         logger.warning("ft-mpt: %s carries no training record; assuming it is a fine-tuned (ft) model", uri)
 
 
-def pair_files(uri: str) -> list[str]:
-    """The Parquet to train on. For a mining output (its root or its ``pairs/`` folder) these are the
-    pair files of the committed shards only: never its errors table nor a crashed shard's leftovers."""
-    layout = OutputLayout.find(uri)
-    if layout is None:
-        return [uri]
-    files = layout.committed_files("pairs")
-    if not files:
-        raise ValueError(f"the mining output {layout.root} has no finished shard yet")
-    summary_uri = layout.path("summary.json")
-    if not (storage.exists(summary_uri) and json.loads(storage.read_bytes(summary_uri)).get("complete")):
-        logger.warning("training on the %d finished shards of the unfinished mining run %s", len(files), layout.root)
-    return files

@@ -213,9 +213,8 @@ def load_pairs(config: TrainClipConfig):
         raise ValueError(f"the pairs table {uri} has no rows")
     # The vocabulary from the noun column alone, read here: a Ray Data aggregation would start
     # worker processes for it (about 7 s each on a small machine, for every run).
-    if table is None:  # a folder (one path) or the listed files; only the noun column is read
-        table = pyarrow.dataset.dataset(paths[0] if len(paths) == 1 else paths, filesystem=filesystem,
-                                        format="parquet").to_table(columns=["noun"])
+    if table is None:  # only the noun column is read
+        table = pyarrow.dataset.dataset(paths, filesystem=filesystem, format="parquet").to_table(columns=["noun"])
     nouns = {str(n).strip() for n in pyarrow.compute.unique(table.column("noun")).to_pylist() if n is not None}
     vocabulary = sorted(n for n in nouns if noun_problem(n) is None)  # others: skipped rows
     if not vocabulary:
