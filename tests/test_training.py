@@ -455,7 +455,7 @@ def test_ft_mpt_chain_from_the_ft_model_with_everything_on_s3(ft_run, synth_data
 def test_pair_files_of_a_mining_output_are_its_committed_shards(mined_pairs, tmp_path, caplog):
     import shutil
 
-    from ovseg_ray.training.clip_config import pair_files
+    from ovseg_ray.data.pair_store import pair_files
 
     root = tmp_path / "mined"
     shutil.copytree(mined_pairs[1], root)

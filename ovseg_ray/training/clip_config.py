@@ -3,7 +3,6 @@ record is ``train_clip_config.json``."""
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Literal
 
@@ -11,7 +10,6 @@ from pydantic import Field, model_validator
 
 from ..config import ConfigError, ModelPreset, StrictModel
 from ..data import storage
-from ..data.pair_store import OutputLayout, pair_files  # noqa: F401  (re-exported for the engine)
 from ..models.ovseg import resolve_weights
 from ..weights.readers import safetensors_metadata
 from . import runs

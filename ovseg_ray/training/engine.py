@@ -23,7 +23,8 @@ from contextlib import contextmanager
 
 from ..config import ConfigError
 from ..data import storage
-from .clip_config import TrainClipConfig, check_run_record, check_start_weights, finished_summary, pair_files, run_dir
+from ..data.pair_store import pair_files
+from .clip_config import TrainClipConfig, check_run_record, check_start_weights, finished_summary, run_dir
 from .clip_loop import STOPPED_FILE, run_clip_training
 from .clip_steps import model_config, optimizer_settings
 from .maskformer_config import RUN_RECORD as MASKFORMER_RECORD
