@@ -214,8 +214,8 @@ class Segmenter:
         """(K, C) CLIP class probabilities of region embeddings (from :meth:`embed_regions_many`)."""
         return clip_probs(region_embeddings, self.text(classes), self.config.temperature)
 
-    def maskformer_probs(self, class_embeddings: torch.Tensor, classes: list[str]) -> torch.Tensor:
-        text = self.text(classes)
+    def maskformer_probs(self, class_embeddings: torch.Tensor, classes: list[str], alone: bool = False) -> torch.Tensor:
+        text = self.text(classes, alone=alone)
         return maskformer_probs(class_embeddings, text, self.model.non_object_embedding, self.config.temperature)
 
     @torch.no_grad()

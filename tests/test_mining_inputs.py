@@ -46,6 +46,25 @@ def mined_rows(output: str, kind: str = "pairs") -> list[dict]:
     return sorted(table.to_pylist(), key=lambda r: (r["image_id"], r.get("noun") or r.get("stage")))
 
 
+# Float columns that move with batching by float noise (about 1e-7): images of one padded size share a
+# MaskFormer forward, so objectness depends on an image's batch partner (see ovseg_ray.mining.matching).
+NOISY = ("score", "score_margin", "objectness", "area_fraction")
+
+
+def assert_same_rows(got: list[dict], want: list[dict]) -> None:
+    """Same rows in the same order: every column exact, the noisy float columns to 1e-5."""
+    assert len(got) == len(want), (len(got), len(want))
+    for index, (row, expected) in enumerate(zip(got, want)):
+        assert row.keys() == expected.keys()
+        exact = {k: v for k, v in row.items() if k not in NOISY}
+        assert exact == {k: v for k, v in expected.items() if k not in NOISY}, index
+        for name in NOISY:
+            if name in row and (row[name] is None or expected[name] is None):
+                assert row[name] == expected[name], (index, name)
+            elif name in row:
+                assert row[name] == pytest.approx(expected[name], abs=1e-5), (index, name)
+
+
 def coco_paths(root):
     return str(root / "images"), str(root / "annotations" / "captions.json")
 
@@ -147,8 +166,8 @@ def test_parquet_bytes_on_local_disk_crash_and_resume(ray_session, mined_pairs, 
     assert len(files) == IMAGES  # 2 shards of 2 files
     config = file_config("parquet", str(tmp_path / "pq"), str(tmp_path / "mined"))
     crash_then_resume(config)
-    assert mined_rows(config.output) == reference_rows(mined_pairs)
-    assert mined_rows(config.output, "errors") == reference_rows(mined_pairs, "errors")
+    assert_same_rows(mined_rows(config.output), reference_rows(mined_pairs))
+    assert_same_rows(mined_rows(config.output, "errors"), reference_rows(mined_pairs, "errors"))
     uris = OutputLayout(config.output).read_table("pairs").column("image_uri").to_pylist()
     assert all(u.startswith(str(tmp_path / "pq" / "part-")) and "#image[key=" in u for u in uris)
 
@@ -158,8 +177,8 @@ def test_webdataset_on_s3_crash_and_resume(ray_session, mined_pairs, synth_datas
     image_text.coco_to_webdataset(images, captions, f"{s3_bucket}/wds", 1)
     config = file_config("webdataset", f"{s3_bucket}/wds", f"{s3_bucket}/mined")
     crash_then_resume(config)
-    assert mined_rows(config.output) == reference_rows(mined_pairs)
-    assert mined_rows(config.output, "errors") == reference_rows(mined_pairs, "errors")
+    assert_same_rows(mined_rows(config.output), reference_rows(mined_pairs))
+    assert_same_rows(mined_rows(config.output, "errors"), reference_rows(mined_pairs, "errors"))
     uris = OutputLayout(config.output).read_table("pairs").column("image_uri").to_pylist()
     assert all(u.startswith(f"{s3_bucket}/wds/") and ".tar#" in u for u in uris)
 
@@ -169,7 +188,7 @@ def test_parquet_paths_on_s3_and_webdataset_on_local_disk(ray_session, mined_pai
     image_text.coco_to_parquet(images, captions, f"{s3_bucket}/pq", 2, image_bytes=False)
     config = file_config("parquet", f"{s3_bucket}/pq", f"{s3_bucket}/mined", files_per_shard=1)
     mine_pairs(config)
-    assert mined_rows(config.output) == reference_rows(mined_pairs)
+    assert_same_rows(mined_rows(config.output), reference_rows(mined_pairs))
     assert all(u.startswith(f"{s3_bucket}/coco/images/")
                for u in OutputLayout(config.output).read_table("pairs").column("image_uri").to_pylist())
 
@@ -177,6 +196,6 @@ def test_parquet_paths_on_s3_and_webdataset_on_local_disk(ray_session, mined_pai
     image_text.coco_to_webdataset(local_images, local_captions, str(tmp_path / "wds"), 2, caption_member="txt")
     config = file_config("webdataset", str(tmp_path / "wds"), str(tmp_path / "mined"), files_per_shard=1)
     summary = mine_pairs(config).summary
-    assert mined_rows(config.output) == reference_rows(mined_pairs)
-    assert mined_rows(config.output, "errors") == reference_rows(mined_pairs, "errors")
+    assert_same_rows(mined_rows(config.output), reference_rows(mined_pairs))
+    assert_same_rows(mined_rows(config.output, "errors"), reference_rows(mined_pairs, "errors"))
     assert summary["shards"] == 2 and summary["images_in"] == IMAGES

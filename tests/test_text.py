@@ -52,6 +52,22 @@ def test_cache_is_per_name_and_lru(clip_and_tokenizer):
     assert torch.allclose(embedder(["dog"])[0], direct, atol=1e-6)
 
 
+def test_alone_gives_each_uncached_name_its_own_forward(clip_and_tokenizer, monkeypatch):
+    """Mining embeds nouns alone, so an embedding never depends on the names asked for with it."""
+    clip, tokenizer = clip_and_tokenizer
+    embedder = TextEmbedder(clip, tokenizer, templates=("a photo of a {}.", "a {}."))
+    batches = []
+    encode = clip.encode_text
+    monkeypatch.setattr(clip, "encode_text", lambda tokens: batches.append(len(tokens)) or encode(tokens))
+    embedder(["cat"])
+    alone = embedder(["cat", "dog", "bird", "dog"], alone=True)
+    assert batches == [2, 2, 2]  # cat once (then cached), dog and bird one forward each
+    embedder(["tree", "wall"])
+    assert batches[3:] == [4]  # shared forward by default
+    fresh = torch.cat([TextEmbedder(clip, tokenizer, templates=embedder.templates)([n]) for n in ["cat", "dog", "bird"]])
+    assert torch.equal(alone[:3], fresh) and torch.equal(alone[3], alone[1])
+
+
 def test_text_tower_has_no_gradient(clip_and_tokenizer):
     clip, tokenizer = clip_and_tokenizer
     assert not TextEmbedder(clip, tokenizer)(["tree"]).requires_grad

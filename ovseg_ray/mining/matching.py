@@ -12,8 +12,12 @@ with :class:`TextEmbedder` (template ensemble), and gives each noun the mask wit
 similarity. The embedded region is exactly the mask that is written out, on the same image that
 training later reads.
 
-Results never depend on how images are batched: the MaskFormer and the region encoder run once per
-image, and nouns are embedded one name at a time (the text batch is always that name's templates).
+Batching moves results by float noise only. Images of one padded size share a MaskFormer forward
+(``OpenVocabMaskFormer.propose_many``), whose outputs then differ from the image's own run by about
+1e-7 in the class embeddings (so in objectness) and 1e-5 in the mask logits, which could flip a pixel
+lying exactly at the threshold. Everything else is per image: the region encoder runs once per image,
+and every noun, for matching and objectness alike, is embedded alone (``TextEmbedder(..., alone=True)``),
+so a cached text embedding is the same whichever image put it there.
 """
 
 from __future__ import annotations
@@ -105,7 +109,7 @@ class ProposalMasks:
             objectness = []
             if words and indices:
                 kept = proposals.class_embeddings[torch.tensor(indices, device=proposals.class_embeddings.device)]
-                objectness = self.segmenter.maskformer_probs(kept, words).sum(dim=-1).float().cpu().tolist()
+                objectness = self.segmenter.maskformer_probs(kept, words, alone=True).sum(dim=-1).float().cpu().tolist()
             out.append(ImageProposals(indices, masks, objectness))
         return out
 
@@ -118,8 +122,7 @@ class NounMatcher:
         self.min_score = min_score
 
     def noun_embeddings(self, nouns: list[str]) -> torch.Tensor:
-        # One name per call: the text batch never depends on the other nouns (see module docstring).
-        return torch.cat([self.segmenter.text([noun]) for noun in nouns])
+        return self.segmenter.text(nouns, alone=True)  # never depends on the other nouns (module docstring)
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray, masks: torch.Tensor, nouns: list[str]) -> list[NounMatch]:

@@ -82,6 +82,9 @@ class TextEmbedder:
 
     Each template embedding is L2-normalised, the templates are averaged and the mean renormalised.
     Results are kept in an LRU cache keyed by name (call :meth:`clear` after changing weights).
+    Names are embedded in shared forwards by default; ``alone=True`` gives each its own forward,
+    so that its embedding never depends on which other names were asked for with it (batched
+    matmuls round differently with the batch's size, which moves embeddings by about 1e-7).
     """
 
     def __init__(
@@ -122,16 +125,21 @@ class TextEmbedder:
         per_template = torch.cat(chunks).view(len(names), len(self.templates), -1)
         return F.normalize(per_template.mean(dim=1), dim=-1)
 
-    def __call__(self, names: Sequence[str]) -> torch.Tensor:
-        """(N, D) unit-norm embeddings, on the model's device, in the order of ``names``."""
+    def __call__(self, names: Sequence[str], alone: bool = False) -> torch.Tensor:
+        """(N, D) unit-norm embeddings, on the model's device, in the order of ``names``.
+
+        ``alone``: names not yet cached are embedded one per forward (see the class docstring).
+        """
         names = clean_class_names(names)
         with self._lock:
             missing = list(dict.fromkeys(n for n in names if n not in self._cache))
             self.hits += len(names) - len(missing)
             self.misses += len(missing)
             if missing:
-                for name, embedding in zip(missing, self._embed_uncached(missing)):
-                    self._cache[name] = embedding
+                groups = [[name] for name in missing] if alone else [missing]
+                for group in groups:
+                    for name, embedding in zip(group, self._embed_uncached(group)):
+                        self._cache[name] = embedding
             for name in names:
                 self._cache.move_to_end(name)
             result = torch.stack([self._cache[name] for name in names])
