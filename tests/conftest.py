@@ -84,6 +84,10 @@ def ray_session(s3_endpoint):
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={"env_vars": env},
+        # Keep up to 8 idle workers for 10 minutes (Ray: as many as CPUs, killed after 1 s): a worker that
+        # has imported torch serves the next run's tasks and actors. Mining tests: 126 -> 90 worker
+        # processes, 212 s -> 155 s; the suite ~4 % faster. Each idle worker holds ~800 MB.
+        _system_config={"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 600_000},
     )
     yield ray
     ray.shutdown()

@@ -49,11 +49,12 @@ class RayHead:
                               env={**self.env, "RAY_ADDRESS": self.dashboard, **(env or {})})
 
     def stop(self) -> None:
-        """End the head's processes: ``ray start --block`` stops them when it gets SIGTERM."""
+        """End the head's processes: ``ray start --block`` stops them when it gets SIGTERM; what is left
+        after 5 s (after a Serve deployment its graceful stop took 30 s) is killed with the group."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=90)
+                self.process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
         try:  # whatever of the head's process group is left
