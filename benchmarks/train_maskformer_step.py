@@ -77,7 +77,7 @@ def ray_loop(root: str, storage_path: str, args) -> float:
     config = load_config(TrainMaskFormerConfig, None, {
         "data.root": root, "data.augment.crop_size": args.crop, "data.augment.short_sides": [args.crop],
         "data.augment_seed": 0, "data.preprocess_cpus": args.preprocess_cpus,
-        "data.preprocess_batch_rows": args.preprocess_batch_rows,
+        **({"data.preprocess_batch_rows": args.preprocess_batch_rows} if args.preprocess_batch_rows else {}),
         "model.preset": args.preset, "optim.max_steps": args.steps, "optim.batch_size": args.batch_size,
         "optim.lr": 1e-3, "optim.warmup_steps": 0, "optim.checkpoint_every_steps": args.steps,
         "run.storage_path": storage_path, "run.name": f"bench-{os.getpid()}", "run.num_workers": 1,
@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--preprocess-cpus", type=float, default=0.5)
-    parser.add_argument("--preprocess-batch-rows", type=int, default=4, help="samples per Ray Data decoding task")
+    parser.add_argument("--preprocess-batch-rows", type=int, default=None,
+                        help="samples per Ray Data decoding task (default: train-maskformer's)")
     parser.add_argument("--use-gpu", default="auto")
     parser.add_argument("--verbose", action="store_true", help="show the Ray run's own output")
     args = parser.parse_args(argv)
