@@ -15,6 +15,7 @@ from ovseg_ray.training.losses import (
     vocabulary_logits,
     vocabulary_loss,
 )
+from spawned_ranks import run_ranks
 
 
 def _unit(rows):
@@ -154,26 +155,11 @@ def _ddp_worker(rank: int, port: int, results) -> None:
 
 
 def test_gathered_negatives_under_ddp_give_the_single_process_gradient():
-    import socket
-
-    import torch.multiprocessing as mp
-
     model, inputs, noun_ids, vocabulary = _ddp_problem()
     backward_loss, reported = _trainer_loss(F.normalize(model(inputs), dim=-1), noun_ids, vocabulary, False)
     backward_loss.backward()
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    workers = [context.Process(target=_ddp_worker, args=(rank, port, results)) for rank in range(2)]
-    for worker in workers:
-        worker.start()
-    outcome = [results.get() for _ in workers]
-    for worker in workers:
-        worker.join(timeout=60)
-        assert worker.exitcode == 0
+    outcome = run_ranks(_ddp_worker, timeout=60)
     for rank, loss, grad in outcome:
         assert loss == pytest.approx(float(reported.detach()), rel=1e-5), rank
         torch.testing.assert_close(torch.tensor(grad), model.weight.grad, rtol=1e-4, atol=1e-6)

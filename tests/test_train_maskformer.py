@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from ovseg_ray.data.images import encode_png
 from ovseg_ray.training.clip_steps import model_config
 from ovseg_ray.training.maskformer_data import AugmentConfig, augment, checked_label, list_samples, load_batch
 from ovseg_ray.training.maskformer_steps import MaskFormerTrainer, build_trainee, poly_schedule
+from spawned_ranks import run_ranks
 
 COCO = read_class_names("coco_stuff_171")
 OVERFIT_STEPS, OVERFIT_LR = 200, 1e-3
@@ -158,23 +158,10 @@ def _ddp_worker(rank: int, port: int, results) -> None:
 
 
 def test_two_ddp_workers_give_the_single_process_gradient():
-    import torch.multiprocessing as mp
-
     trainer, images, labels = _trainer()
     trainer.losses(images, labels)["loss"].backward()
     reference = {name: p.grad.clone() for name, p in trainer.trainee.named_parameters() if p.grad is not None}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.get_context("spawn")
-    results = context.SimpleQueue()
-    workers = [context.Process(target=_ddp_worker, args=(rank, port, results)) for rank in range(2)]
-    for worker in workers:
-        worker.start()
-    outcome = [results.get() for _ in workers]
-    for worker in workers:
-        worker.join(timeout=120)
-        assert worker.exitcode == 0
+    outcome = run_ranks(_ddp_worker, timeout=120)
     for rank, grads in outcome:
         assert set(grads) == set(reference)
         for name, grad in grads.items():
