@@ -17,6 +17,7 @@ from ovseg_ray.data.images import load_image
 from ovseg_ray.data.pair_store import OutputLayout
 from ovseg_ray.mining.config import MiningConfig
 from ovseg_ray.mining.pipeline import InjectedFailure, mine_pairs
+from same_rows import assert_same_rows
 
 IMAGES = 4  # the first images (by id) of the synthetic dataset, one or two per input file
 
@@ -44,25 +45,6 @@ def reference_rows(mined_pairs, kind: str = "pairs") -> list[dict]:
 def mined_rows(output: str, kind: str = "pairs") -> list[dict]:
     table = OutputLayout(output).read_table(kind).drop_columns(["image_uri"])
     return sorted(table.to_pylist(), key=lambda r: (r["image_id"], r.get("noun") or r.get("stage")))
-
-
-# Float columns that move with batching by float noise (about 1e-7): images of one padded size share a
-# MaskFormer forward, so objectness depends on an image's batch partner (see ovseg_ray.mining.matching).
-NOISY = ("score", "score_margin", "objectness", "area_fraction")
-
-
-def assert_same_rows(got: list[dict], want: list[dict]) -> None:
-    """Same rows in the same order: every column exact, the noisy float columns to 1e-5."""
-    assert len(got) == len(want), (len(got), len(want))
-    for index, (row, expected) in enumerate(zip(got, want)):
-        assert row.keys() == expected.keys()
-        exact = {k: v for k, v in row.items() if k not in NOISY}
-        assert exact == {k: v for k, v in expected.items() if k not in NOISY}, index
-        for name in NOISY:
-            if name in row and (row[name] is None or expected[name] is None):
-                assert row[name] == expected[name], (index, name)
-            elif name in row:
-                assert row[name] == pytest.approx(expected[name], abs=1e-5), (index, name)
 
 
 def coco_paths(root):
@@ -102,6 +84,17 @@ def crash_then_resume(config: MiningConfig) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Plain pieces
+
+
+def test_row_comparison_allows_batching_noise_only():
+    row = {"image_id": 1, "noun": "cat", "rle_counts": "abc", "score": 0.3, "score_margin": None,
+           "objectness": 0.02, "area_fraction": 0.1}
+    assert_same_rows([{**row, "objectness": 0.02 + 4e-8}], [row])
+    for changed in ({"objectness": 0.021}, {"score": 0.3 + 1e-4}, {"rle_counts": "abd"}, {"score_margin": 0.0}):
+        with pytest.raises(AssertionError):
+            assert_same_rows([{**row, **changed}], [row])
+    with pytest.raises(AssertionError):
+        assert_same_rows([row, row], [row])
 
 
 def test_tar_members_are_counted_and_read_back_like_ray_groups_them(tmp_path):
