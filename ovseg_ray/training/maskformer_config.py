@@ -39,7 +39,7 @@ class SegmentationDataSection(StrictModel):
                                      "each sample's crop and flip deterministic")
     preprocess_cpus: float = Field(1.0, gt=0, description="CPUs per Ray Data decoding/augmentation task")
     preprocess_batch_rows: int = Field(16, ge=1, description="samples per decoding task batch (fewer: each "
-                                       "Ray Data task's own cost weighs more; 4 ran the step benchmark at 0.30x, 16 at 0.51x)")
+                                       "Ray Data task's fixed cost weighs more; see the README's step benchmark)")
 
     @model_validator(mode="after")
     def _validation_pair(self) -> SegmentationDataSection:
