@@ -90,7 +90,7 @@ def test_row_comparison_allows_batching_noise_only():
     row = {"image_id": 1, "noun": "cat", "rle_counts": "abc", "score": 0.3, "score_margin": None,
            "objectness": 0.02, "area_fraction": 0.1}
     assert_same_rows([{**row, "objectness": 0.02 + 4e-8}], [row])
-    for changed in ({"objectness": 0.021}, {"score": 0.3 + 1e-4}, {"rle_counts": "abd"}, {"score_margin": 0.0}):
+    for changed in ({"objectness": 0.021}, {"score": 0.3 + 1e-7}, {"rle_counts": "abd"}, {"score_margin": 0.0}):
         with pytest.raises(AssertionError):
             assert_same_rows([{**row, **changed}], [row])
     with pytest.raises(AssertionError):
