@@ -1,6 +1,6 @@
 """The small-scale reproduction in a quick configuration: every stage runs through its real command, and
-each learns beyond chance (its loss below what a uniform predictor gets, the oracle above a chance
-labelling). The paper's orderings are measured by the full run (docs/reproduction.md), not here."""
+each learns beyond chance: its loss below what a uniform predictor gets, and on held-out images the
+oracle rows above the same evaluation with random weights. The paper's orderings are measured by the full run (docs/reproduction.md), not here."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from ovseg_ray.data.world import CLASSES, SEEN
+from ovseg_ray.data.world import SEEN
 from ovseg_ray.workflows.reproduce import ROWS, ReproduceConfig, StepTimes, reproduce
 
 
@@ -28,14 +28,28 @@ def _history(out, row: str) -> list[dict]:
     return json.loads((out / "runs" / row / "final" / "summary.json").read_text())["history"]
 
 
-# Opt-in (``pytest -m reproduce``): on this 2-core machine it takes about ten minutes (625 s on
-# 2026-12-03, mostly Ray starting processes for each of its 16 commands), which the suite's time
-# budget cannot hold yet (see docs/reproduction.md).
+def _chance(out, row: str) -> dict:
+    """The row's evaluation again through the real ``eval`` command, with seeded random weights
+    (``model.weights: none``): what the stage scores before it learns anything."""
+    from ovseg_ray.cli import main
+
+    config = json.loads((out / "eval" / f"{row}.yaml").read_text())  # reproduce writes JSON, which is YAML
+    config["out"], config["model"]["weights"] = str(out / "chance" / row), "none"
+    path = out / "chance" / f"{row}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config))
+    assert main(["eval", "--config", str(path)]) == 0
+    return json.loads((out / "chance" / row / "results.json").read_text())["benchmarks"]["world"]["metrics"]
+
+
+# Part of the default run: about four minutes on this 2-core machine (247 s on 2026-12-03), mostly
+# Ray starting processes for each of its 16 commands. The sizes are the smallest measured at which
+# every stage beat its chance score by a wide margin (docs/reproduction.md, "The quick configuration").
 @pytest.mark.slow
 @pytest.mark.reproduce
 def test_quick_reproduction_every_stage_learns_beyond_chance(ray_session, tmp_path):
-    config = ReproduceConfig(out=str(tmp_path / "r"), seed=3, images=48, eval_images=6, clip_epochs=6, clip_batch=24,
-                             maskformer_steps=60, maskformer_batch=4, adapt_epochs=2, adapt_batch=16, figure_images=1,
+    config = ReproduceConfig(out=str(tmp_path / "r"), seed=3, images=48, eval_images=16, clip_epochs=10, clip_batch=8,
+                             maskformer_steps=300, maskformer_batch=4, adapt_epochs=2, adapt_batch=16, figure_images=1,
                              cpus=0.5, preprocess_cpus=0.25)
     summary = reproduce(config)
     out = tmp_path / "r"
@@ -46,7 +60,7 @@ def test_quick_reproduction_every_stage_learns_beyond_chance(ray_session, tmp_pa
 
     maskformer = _history(out, "maskformer")  # cross-entropy over the seen classes + no object
     print("train-maskformer ce per window:", [round(h["ce"], 3) for h in maskformer])
-    assert maskformer[-1]["ce"] < math.log(len(SEEN) + 1) < maskformer[0]["ce"]
+    assert maskformer[-1]["ce"] < math.log(len(SEEN) + 1)
 
     mined = json.loads((out / "mined" / "summary.json").read_text())
     assert mined["complete"] and mined["images_with_pairs"] == config.images and mined["unique_nouns"] >= 20
@@ -58,9 +72,14 @@ def test_quick_reproduction_every_stage_learns_beyond_chance(ray_session, tmp_pa
 
     scores = summary["mIoU"]
     assert set(scores) == set(ROWS)
-    chance = 100 / len(CLASSES)
-    print("mIoU (all):", {row: round(s["all"], 1) for row, s in scores.items()})
-    assert scores["oracle-labels"]["all"] > chance  # trained proposals, each given its true class
+    print("mIoU (all):", {row: round(s["all"], 2) for row, s in scores.items()})
+    # On the held-out images, against the same evaluation with random weights: the pretrained CLIP
+    # names ground-truth regions (oracle masks), the MaskFormer's masks cover them (oracle labels).
+    # A random MaskFormer's blobs, each given its best class, already score well above 100/72.
+    for row in ("oracle-masks", "oracle-labels"):
+        chance = _chance(out, row)["mIoU"]
+        print(f"{row}: trained {scores[row]['all']:.2f}, random weights {chance:.2f}")
+        assert scores[row]["all"] > chance
     for name in ("results.md", "results.json", "figure.png", "model_card.md"):
         assert (out / name).stat().st_size > 0
     report = (out / "results.md").read_text()
