@@ -42,7 +42,8 @@ def _chance(out, row: str) -> dict:
     return json.loads((out / "chance" / row / "results.json").read_text())["benchmarks"]["world"]["metrics"]
 
 
-# Part of the default run: about four minutes on this 2-core machine (247 s on 2026-12-03), mostly
+# Part of the default run: about five minutes on this 2-core machine (283 s on 2026-12-03, with the
+# two chance evaluations and the re-run), mostly
 # Ray starting processes for each of its 16 commands. The sizes are the smallest measured at which
 # every stage beat its chance score by a wide margin (docs/reproduction.md, "The quick configuration").
 @pytest.mark.slow
