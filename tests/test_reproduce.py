@@ -1,6 +1,7 @@
 """The small-scale reproduction in a quick configuration: every stage runs through its real command, and
 each learns beyond chance: its loss below what a uniform predictor gets, and on held-out images the
-oracle rows above the same evaluation with random weights. The paper's orderings are measured by the full run (docs/reproduction.md), not here."""
+oracle rows above the same evaluation with random weights. The paper's orderings are measured by the
+full run (docs/reproduction.md), not here."""
 
 from __future__ import annotations
 
@@ -43,9 +44,9 @@ def _chance(out, row: str) -> dict:
 
 
 # Part of the default run: about five minutes on this 2-core machine (283 s on 2026-12-03, with the
-# two chance evaluations and the re-run), mostly
-# Ray starting processes for each of its 16 commands. The sizes are the smallest measured at which
-# every stage beat its chance score by a wide margin (docs/reproduction.md, "The quick configuration").
+# two chance evaluations and the re-run), mostly Ray starting processes for each of its 16 commands.
+# The sizes are the cheapest of the runs measured in which both oracle rows beat random weights
+# (docs/reproduction.md, "The quick configuration").
 @pytest.mark.slow
 @pytest.mark.reproduce
 def test_quick_reproduction_every_stage_learns_beyond_chance(ray_session, tmp_path):
