@@ -50,9 +50,9 @@ def _chance(out, row: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.reproduce
 def test_quick_reproduction_every_stage_learns_beyond_chance(ray_session, tmp_path):
-    config = ReproduceConfig(out=str(tmp_path / "r"), seed=3, images=48, eval_images=16, clip_epochs=10, clip_batch=8,
-                             maskformer_steps=300, maskformer_batch=4, adapt_epochs=2, adapt_batch=16, figure_images=1,
-                             cpus=0.5, preprocess_cpus=0.25)
+    config = ReproduceConfig(out=str(tmp_path / "r"), seed=3, images=48, eval_images=16, clip_images=48, clip_epochs=10,
+                             clip_batch=8, maskformer_steps=300, maskformer_batch=4, adapt_epochs=2, adapt_batch=16,
+                             figure_images=1, cpus=0.5, preprocess_cpus=0.25)
     summary = reproduce(config)
     out = tmp_path / "r"
 

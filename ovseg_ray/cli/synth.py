@@ -20,16 +20,21 @@ def register(subparsers) -> None:
     parser.add_argument("--eval-images", type=int, default=None,
                         help="images in the ADE20K-layout evaluation split (default images // 4, at least 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--web-images", type=int, default=0,
+                        help="open world only: images of its CLIP pretraining corpus (OUT/web; default 0 = none)")
     parser.add_argument("--world", choices=("small", "open"), default="small",
                         help="small: the quick-check dataset; open: the reproduction's open world")
     parser.set_defaults(func=run)
 
 
 def _write(args: argparse.Namespace, out: str) -> dict:
+    if args.web_images < 0 or (args.web_images and args.world != "open"):
+        raise ValueError(f"--web-images {args.web_images}: a count >= 0, and only with --world open")
     if args.world == "open":
         from ..data.world_dataset import write_world
 
-        return write_world(out, images=args.images, eval_images=args.eval_images or 200, seed=args.seed)
+        return write_world(out, images=args.images, eval_images=args.eval_images or 200, seed=args.seed,
+                           web_images=args.web_images)
     from ..data.synth import generate_dataset
 
     return generate_dataset(out, images=args.images, seed=args.seed, eval_images=args.eval_images)

@@ -235,8 +235,12 @@ def _paint(image: np.ndarray, mask: np.ndarray, colour: str, pattern: str, rng: 
     image[ys, xs] = values * rng.uniform(0.9, 1.1)
 
 
-def draw_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray, list[str], list[Thing]]:
-    """(image uint8, stuff index map (h, w) into the stuff names, the stuff names, the visible things)."""
+def draw_scene(rng: np.random.Generator, h: int, w: int,
+               close_up: bool = False) -> tuple[np.ndarray, np.ndarray, list[str], list[Thing]]:
+    """(image uint8, stuff index map (h, w) into the stuff names, the stuff names, the visible things).
+
+    ``close_up``: one or two things large near the middle (radius 25-45 % of the short side), as the
+    object-centric photos of web data show them; otherwise two to six at 8-24 %, anywhere."""
     names = list(rng.choice(list(STUFF), size=int(rng.choice([1, 2, 2, 3])), replace=False))
     layout = np.zeros((h, w), np.int64)
     yy, xx = np.mgrid[0:h, 0:w]
@@ -252,11 +256,15 @@ def draw_scene(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np
         region = layout == index
         image[region] = _stuff_texture(rng, name, h, w)[region]
     things: list[Thing] = []
-    for _ in range(int(rng.integers(2, 7))):
+    for _ in range(int(rng.integers(1, 3) if close_up else rng.integers(2, 7))):
         name = str(rng.choice(list(THINGS)))
         shape, colour, pattern, _ = THINGS[name]
-        r = int(min(h, w) * rng.uniform(0.08, 0.24))
-        cx, cy = int(rng.integers(-r // 3, w + r // 3)), int(rng.integers(-r // 3, h + r // 3))
+        if close_up:
+            r = int(min(h, w) * rng.uniform(0.25, 0.45))
+            cx, cy = int(w * rng.uniform(0.3, 0.7)), int(h * rng.uniform(0.3, 0.7))
+        else:
+            r = int(min(h, w) * rng.uniform(0.08, 0.24))
+            cx, cy = int(rng.integers(-r // 3, w + r // 3)), int(rng.integers(-r // 3, h + r // 3))
         mask = shape_mask(shape, h, w, cx, cy, r)
         if mask.sum() < 30:
             continue

@@ -20,7 +20,30 @@ def _class_file(path: str, name: str, classes) -> None:
         json.dump({"name": name, "classes": list(classes)}, handle, indent=1)
 
 
-def write_world(out: str, images: int = 1500, eval_images: int = 200, seed: int = 0) -> dict:
+def write_web(out: str, images: int, seed: int, close_up_share: float = 0.5) -> int:
+    """``OUT/web/``: the CLIP pretraining corpus, the stand-in for CLIP's web data (images and captions,
+    no annotations, scenes never in the train or eval split). As in web data, where object-centric photos
+    are common and COCO-like scenes are not the rule, ``close_up_share`` of its scenes show one or two
+    things large (``draw_scene(close_up=True)``). Returns the number of captions."""
+    images_dir, notes_dir = os.path.join(out, "web", "images"), os.path.join(out, "web", "annotations")
+    os.makedirs(images_dir, exist_ok=True)
+    os.makedirs(notes_dir, exist_ok=True)
+    rng = np.random.default_rng([seed, 2])  # a third stream: the train and eval scenes stay as they are
+    entries, rows = [], []
+    for image_id in range(1, images + 1):
+        h, w = IMAGE_SHAPES[int(rng.integers(len(IMAGE_SHAPES)))]
+        image, _, stuff, things = draw_scene(rng, h, w, close_up=bool(rng.random() < close_up_share))
+        file_name = f"{image_id:012d}.jpg"
+        _save_jpeg(os.path.join(images_dir, file_name), image)
+        entries.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
+        rows += [{"id": len(rows) + 1, "image_id": image_id, "caption": text} for text in captions(rng, stuff, things)]
+    info = {"description": f"ovseg-ray open world (seed {seed}): CLIP pretraining corpus", "version": "1.0"}
+    with open(os.path.join(notes_dir, "captions.json"), "w") as handle:
+        json.dump({"info": info, "images": entries, "annotations": rows}, handle)
+    return len(rows)
+
+
+def write_world(out: str, images: int = 1500, eval_images: int = 200, seed: int = 0, web_images: int = 0) -> dict:
     """Write an instance of the world for ``seed`` under ``out`` (the class list is the same for every seed)::
 
         OUT/classes/{all,seen,unseen}.json          class lists ({"classes": [...]})
@@ -31,6 +54,9 @@ def write_world(out: str, images: int = 1500, eval_images: int = 200, seed: int 
                                                     where the class is unseen: like COCO-Stuff-171
         OUT/eval/images/000001.jpg, OUT/eval/labels/000001.png
                                                     held-out scenes, every class (classes/all.json)
+        OUT/web/images/, OUT/web/annotations/captions.json
+                                                    with ``web_images``: the CLIP pretraining corpus
+                                                    (:func:`write_web`)
     """
     if images < 1 or eval_images < 1:
         raise ValueError(f"images and eval_images must be at least 1, got {images} and {eval_images}")
@@ -85,5 +111,7 @@ def write_world(out: str, images: int = 1500, eval_images: int = 200, seed: int 
             labels[thing.mask] = all_index[thing.name]
         _save_jpeg(os.path.join(folders["eval/images"], f"{index:06d}.jpg"), image)
         Image.fromarray(labels).save(os.path.join(folders["eval/labels"], f"{index:06d}.png"))
-    return {"out": out, "seed": seed, "images": images, "eval_images": eval_images, "captions": len(caption_rows),
+    web_captions = write_web(out, web_images, seed) if web_images else 0
+    return {"out": out, "seed": seed, "images": images, "eval_images": eval_images, "web_images": web_images,
+            "web_captions": web_captions, "captions": len(caption_rows),
             "instances": len(instances), "classes": len(CLASSES), "seen": len(SEEN), "unseen": len(UNSEEN)}

@@ -34,7 +34,7 @@ from .maskformer_data import list_samples, load_batch
 from .maskformer_loop import run_maskformer_training
 from .pair_batches import REQUIRED_PAIR_COLUMNS, coco_instance_pairs, decode_pairs, noun_problem, region_size
 from .pretrain import RUN_RECORD as PRETRAIN_RECORD
-from .pretrain import PretrainClipConfig, caption_batch
+from .pretrain import PretrainClipConfig, cache_size, decode_captioned
 from .pretrain_loop import run_pretraining
 from .runs import RunSection, read_summary
 from .runs import check_run_record as check_record
@@ -370,14 +370,20 @@ def pretrain_clip(config: PretrainClipConfig) -> dict:
     check_record(*record)
     arch = load_preset(config.preset).clip_arch
     items = [{"image_uri": image.uri, "captions": list(image.captions)} for image in dataset.images]
-    ds = items_dataset(items, config.data.preprocess_batch_rows).randomize_block_order().map_batches(
-        caption_batch, fn_kwargs={"arch": arch, "size": region_size(load_preset(config.preset))},
+    size = region_size(load_preset(config.preset))
+    ds = items_dataset(items, config.data.preprocess_batch_rows).map_batches(
+        decode_captioned, fn_kwargs={"arch": arch, "size": size, "max_captions": config.data.max_captions},
         batch_size=config.data.preprocess_batch_rows, batch_format="numpy", num_cpus=config.data.preprocess_cpus)
+    side = cache_size(size)
     print(f"pretrain-clip {arch}: {len(items)} images, {config.optim.epochs} epochs of batches of "
           f"{config.optim.batch_size} per worker on {config.run.num_workers} worker(s) "
           f"({'GPU' if use_gpu else 'CPU'}); run folder {directory}")
-    result = _fit("pretrain", {"config": config.model_dump(mode="json"), "images": len(items), "run_dir": directory},
-                  config.run, use_gpu, {"train": ds})
+    if config.data.cache_decoded:
+        print(f"pretrain-clip: decoding {len(items)} images once to {side}x{side} "
+              f"({len(items) * side * side * 3 / 2**20:.0f} MiB in the object store)")
+        ds = ds.materialize()
+    result = _fit("pretrain", {"config": config.model_dump(mode="json"), "images": len(items), "image_size": size,
+                               "run_dir": directory}, config.run, use_gpu, {"train": ds.randomize_block_order()})
     summary = _finished_or_fail(directory, result)
     last = summary["history"][-1]
     print(f"pretrain-clip finished: {summary['epochs']} epochs, loss {last['loss']:.4f}, in-batch accuracy "

@@ -2,9 +2,9 @@
 
 The stand-in for OpenAI's CLIP in reproductions and custom domains: both towers train on whole
 images and their captions (symmetric InfoNCE, negatives from every worker's batch, a learnable
-temperature as CLIP's), and, like the real CLIP, it never sees a masked image. Images go through a
-random resized crop (90-100 % of the area) to the tower's input size and CLIP's normalisation; each
-pass draws one of the image's captions.
+temperature as CLIP's), and, like the real CLIP, it never sees a masked image. Each image is decoded
+once (``decode_captioned``); every pass draws a random resized crop (90-100 % of the area) at the
+tower's input size, CLIP-normalised, and one of the image's captions (``draw_views``), in the loop.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .clip_steps import OPEN_CLIP_MODEL, cosine_schedule, gather_rows, resolve_p
 from .losses import contrastive_loss
 
 RUN_RECORD = "pretrain_clip_config.json"
+CROP_AREA = (0.9, 1.0)  # random resized crop: the share of the image's area each view keeps
 CLIP_FILE = "clip.safetensors"  # our CLIP-only layout (clip.*): --clip-weights, model.clip_weights
 
 
@@ -38,6 +39,11 @@ class CaptionDataSection(StrictModel):
     max_images: int | None = Field(None, ge=1, description="only the first N images (by id)")
     preprocess_cpus: float = Field(0.5, gt=0, description="CPUs per Ray Data decoding task")
     preprocess_batch_rows: int = Field(32, ge=1, description="images per decoding task batch")
+    max_captions: int = Field(8, ge=1, description="captions kept per image (COCO has 5-7); each pass draws one")
+    cache_decoded: bool = Field(True, description="decode every image once and keep it (uint8, a little above "
+                                "the CLIP input size: 14 KB an image for the tiny CLIP, 170 KB for ViT-B/16) in "
+                                "Ray's object store for all epochs; false: decode it again every epoch, for "
+                                "corpora larger than the object store")
 
 
 class PretrainOptimSection(StrictModel):
@@ -65,33 +71,60 @@ class PretrainClipConfig(StrictModel):
         return self.model_dump(mode="json", include={"preset", "data", "optim"})
 
 
-def caption_batch(batch: dict, arch: str, size: int, seed: int | None = None) -> dict:
-    """Ray Data ``map_batches`` (numpy): decode, random-resized-crop and normalise each image, draw one
-    of its captions and tokenise it. Unreadable images come back with ``ok`` False and the reason."""
+def cache_size(size: int) -> int:
+    """Side of the square an image is decoded to once: its smallest crop (90 % of the area) still
+    has ``size`` pixels a side, so every view is a downscale, as from the full image."""
+    return math.ceil(size / math.sqrt(CROP_AREA[0]))
+
+
+def decode_captioned(batch: dict, arch: str, size: int, max_captions: int = 8) -> dict:
+    """Ray Data ``map_batches`` (numpy), run once per image: decode it, squash it to the cache square
+    (uint8, ``cache_size(size)``) and tokenise up to ``max_captions`` of its captions. The random views
+    are drawn later, every pass, by :func:`draw_views`. Unreadable images come back with ``ok`` False
+    and the reason."""
     tokenizer = clip_tokenizer(arch)
-    rng = np.random.default_rng(seed)
-    mean, std = np.array(CLIP_MEAN, np.float32) * 255, np.array(CLIP_STD, np.float32) * 255
-    count = len(batch["image_uri"])
-    images = np.zeros((count, 3, size, size), np.float32)
-    ok, errors, texts = np.zeros(count, bool), [""] * count, []
+    side, count = cache_size(size), len(batch["image_uri"])
+    images = np.zeros((count, side, side, 3), np.uint8)
+    ok, errors, per_image = np.zeros(count, bool), [""] * count, []
     for row in range(count):
         uri, captions = str(batch["image_uri"][row]), [str(c) for c in batch["captions"][row] if c]
-        texts.append(str(rng.choice(captions)) if captions else "")
+        per_image.append(captions[:max_captions])
         try:
             image = decode_image(storage.read_bytes(uri), source=uri)
         except (OSError, ValueError) as exc:
             errors[row] = str(exc)
             continue
-        height, width = image.shape[:2]
-        scale = math.sqrt(rng.uniform(0.9, 1.0))
-        ch, cw = max(1, int(height * scale)), max(1, int(width * scale))
-        y0, x0 = int(rng.integers(0, height - ch + 1)), int(rng.integers(0, width - cw + 1))
-        crop = Image.fromarray(image[y0:y0 + ch, x0:x0 + cw]).resize((size, size), Image.BICUBIC)
-        images[row] = ((np.asarray(crop, np.float32) - mean) / std).transpose(2, 0, 1)
+        images[row] = np.asarray(Image.fromarray(image).resize((side, side), Image.BICUBIC))
         ok[row] = bool(captions)
         if not captions:
             errors[row] = f"{uri}: no caption"
-    return {"image": images, "tokens": tokenizer(texts).numpy(), "ok": ok, "error": np.array(errors, dtype=object)}
+    texts = [text for captions in per_image for text in captions]
+    flat = tokenizer(texts).numpy().astype(np.int32) if texts else np.zeros((0, 1), np.int32)
+    tokens = np.zeros((count, max_captions, flat.shape[1] if texts else 77), np.int32)
+    numbers, at = np.array([len(c) for c in per_image], np.int64), 0
+    for row, number in enumerate(numbers):
+        tokens[row, :number] = flat[at:at + number]
+        at += number
+    return {"image": images, "tokens": tokens, "num_captions": numbers, "ok": ok,
+            "error": np.array(errors, dtype=object)}
+
+
+def draw_views(images: torch.Tensor, tokens: torch.Tensor, num_captions: torch.Tensor, size: int,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training view per cached image: a random crop of 90-100 % of its area resized (bicubic) to
+    ``size`` and CLIP-normalised (B, 3, size, size), and one of its captions drawn (B, L) long."""
+    side = images.shape[1]
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255
+    views = torch.empty(len(images), 3, size, size)
+    for row, image in enumerate(images):
+        area = CROP_AREA[0] + (CROP_AREA[1] - CROP_AREA[0]) * float(torch.rand((), generator=generator))
+        crop = max(1, int(side * math.sqrt(area)))
+        y0, x0 = (int(torch.randint(side - crop + 1, (), generator=generator)) for _ in range(2))
+        patch = image[y0:y0 + crop, x0:x0 + crop].permute(2, 0, 1)[None].float()
+        views[row] = F.interpolate(patch, size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 255)
+    picks = (torch.rand(len(tokens), generator=generator) * num_captions.clamp(min=1)).long()
+    return (views - mean) / std, tokens[torch.arange(len(tokens)), picks].long()
 
 
 class PairEncoder(nn.Module):

@@ -20,14 +20,15 @@ import torch.distributed as dist
 
 from ..data import storage
 from ..weights.checkpoint import read_checkpoint, save_checkpoint
-from .pretrain import CaptionTrainer, PretrainClipConfig, build_clip, export_clip
+from .pretrain import CaptionTrainer, PretrainClipConfig, build_clip, draw_views, export_clip
 from .runs import FINAL_DIR, SUMMARY_FILE, TrainSession, lockstep
 
 logger = logging.getLogger(__name__)
 
 
 def run_pretraining(loop_config: dict, session: TrainSession) -> None:
-    """``loop_config``: the run's config (JSON), the number of ``images`` and the ``run_dir``."""
+    """``loop_config``: the run's config (JSON), the number of ``images``, the CLIP input ``image_size``
+    and the ``run_dir``."""
     config = PretrainClipConfig.model_validate(loop_config["config"])
     optim, directory = config.optim, loop_config["run_dir"]
     rank, world, device = session.rank, session.world, session.device
@@ -49,6 +50,7 @@ def run_pretraining(loop_config: dict, session: TrainSession) -> None:
     shard = session.shard("train")
     for epoch in range(start + 1, optim.epochs + 1):
         started = time.perf_counter()
+        views = torch.Generator().manual_seed(optim.seed * 1_000_003 + epoch * 1009 + rank)  # resumes alike
         totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss * n, correct, n, skipped
         batches = shard.iter_batches(batch_size=optim.batch_size, batch_format="numpy", prefetch_batches=2,
                                      local_shuffle_buffer_size=4 * optim.batch_size,
@@ -58,8 +60,9 @@ def run_pretraining(loop_config: dict, session: TrainSession) -> None:
             totals[3] += int((~ok).sum())
             usable = ok.sum() >= 2  # a contrastive batch needs two rows; else step with weight 0
             keep = ok if usable else np.arange(len(ok)) < 2
-            loss, correct, count = trainer.step(torch.from_numpy(batch["image"][keep]),
-                                                torch.from_numpy(batch["tokens"][keep]), scale=float(usable))
+            images, tokens = draw_views(torch.from_numpy(batch["image"][keep]), torch.from_numpy(batch["tokens"][keep]),
+                                        torch.from_numpy(batch["num_captions"][keep]), loop_config["image_size"], views)
+            loss, correct, count = trainer.step(images, tokens, scale=float(usable))
             if not usable:
                 correct, count = 0, 0
             totals += torch.tensor([loss * count, correct, count, 0], dtype=torch.float64, device=device)

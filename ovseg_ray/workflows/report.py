@@ -30,7 +30,8 @@ def tables(config, results: dict[str, dict]) -> str:
     from .reproduce import ROWS
 
     lines = [f"# OVSeg at small scale: open world, seed {config.seed}", "",
-             f"{config.images} training images, {config.eval_images} held-out evaluation images; 72 classes "
+             f"{config.images} training images, {config.eval_images} held-out evaluation images, "
+             f"{config.clip_images or config.images} images pretraining the CLIP; 72 classes "
              f"(52 seen in the MaskFormer's annotations, 20 unseen). mIoU (%) on the held-out split, all / seen / "
              "unseen classes; the full two-stage inference (lambda 0.7) unless the row says otherwise.", "",
              "## Table 3: adapting CLIP to masked images (mined pairs)", "",
@@ -102,7 +103,7 @@ def write_report(config, models: dict[str, tuple[str, str]], results: dict[str, 
     card = ["# The `tiny` preset's shipped weights", "",
             "Trained by the small-scale reproduction (`ovseg-ray reproduce`), every stage on the synthetic open "
             f"world of seed {config.seed} (`ovseg-ray synth --world open`): a CLIP pretrained on its images and "
-            "captions, the MaskFormer trained on its 52 seen classes with that CLIP's text embeddings, pairs mined "
+            "captions (the web corpus `world/web` where `clip_images` > 0), the MaskFormer trained on its 52 seen classes with that CLIP's text embeddings, pairs mined "
             "from its captions, then FT and MPT of the CLIP on them (the row 'FT, then MPT' below).", "",
             "```", "ovseg-ray reproduce " + " ".join(_flags(**config.model_dump())),
             "```", "", "Its numbers, on held-out images of that world (mIoU %, all / seen / unseen):", "",

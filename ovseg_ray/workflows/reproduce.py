@@ -4,9 +4,10 @@ One folder holds every artifact; each step is the project's own command (``ovseg
 its public flags, so a re-run resumes where it stopped (each command resumes or reports a finished
 run; an evaluation row whose ``results.json`` exists is kept)::
 
-    OUT/world/                    ovseg-ray synth --world open (train split, held-out eval split)
+    OUT/world/                    ovseg-ray synth --world open (train split, held-out eval split, and
+                                  the CLIP pretraining corpus OUT/world/web: the stand-in for web data)
     OUT/model_config.json         the tiny architecture without mask prompts (the plain CLIP)
-    OUT/runs/clip/                ovseg-ray pretrain-clip: CLIP on whole images and captions
+    OUT/runs/clip/                ovseg-ray pretrain-clip: CLIP on the corpus' whole images and captions
     OUT/runs/maskformer/          ovseg-ray train-maskformer: seen classes, that CLIP's text tower
     OUT/mined/                    ovseg-ray mine: MaskFormer proposals + that CLIP, 1 caption per image
     OUT/runs/{mpt,ft,ft-mpt,gt-ft}/   ovseg-ray train-clip on the mined pairs / the seen GT masks
@@ -42,7 +43,10 @@ class ReproduceConfig(StrictModel):
     seed: int = Field(0, description="the world instance (the class list is the same for every seed)")
     images: int = Field(1500, ge=8, description="training images of the world")
     eval_images: int = Field(200, ge=2, description="held-out evaluation images")
-    clip_epochs: int = Field(30, ge=1)
+    clip_images: int = Field(6000, ge=0, description="images of the CLIP pretraining corpus (world/web, scenes "
+                             "of their own, half of them close-ups of one or two things, as web data has "
+                             "object-centric photos); 0 = pretrain on the training split (runs before 2026-12-03)")
+    clip_epochs: int = Field(32, ge=1)
     clip_batch: int = Field(128, ge=2)
     clip_lr: float = Field(2e-3, gt=0)
     maskformer_steps: int = Field(3000, ge=1, description="at 1500 the class head had barely left the class prior "
@@ -116,10 +120,12 @@ def train_all(config: ReproduceConfig, timings: StepTimes) -> dict[str, str]:
     world, runs, plain = config.path("world"), config.path("runs"), model_config(config)
     if not os.path.exists(os.path.join(world, "eval", "labels")):
         _run(["synth", "--world", "open", "--out", world, "--images", str(config.images), "--eval-images",
-              str(config.eval_images), "--seed", str(config.seed)], timings, "synth")
+              str(config.eval_images), "--web-images", str(config.clip_images), "--seed", str(config.seed)],
+             timings, "synth")
+    corpus = f"{world}/web" if config.clip_images else f"{world}/train"
     common = _flags(run__storage_path=runs, run__cpus_per_worker=config.cpus, run__log_every_steps=0)
-    _run(["pretrain-clip", *_flags(preset=plain, data__images=f"{world}/train/images",
-                                   data__captions=f"{world}/train/annotations/captions.json",
+    _run(["pretrain-clip", *_flags(preset=plain, data__images=f"{corpus}/images",
+                                   data__captions=f"{corpus}/annotations/captions.json",
                                    data__preprocess_cpus=config.preprocess_cpus, optim__epochs=config.clip_epochs,
                                    optim__batch_size=config.clip_batch, optim__lr=config.clip_lr,
                                    optim__seed=config.seed, run__name="clip"), *common], timings, "pretrain-clip")
