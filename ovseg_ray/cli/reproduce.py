@@ -1,6 +1,6 @@
 """``ovseg-ray reproduce``: the paper at small scale, every stage trained on the synthetic open world.
 
-    ovseg-ray reproduce --out runs/reproduce --seed 0          # ~1 hour on 2 CPU cores
+    ovseg-ray reproduce --out runs/reproduce --seed 0          # ~30 minutes on 2 CPU cores
     ovseg-ray reproduce --config reproduce.yaml --seed 1       # another world instance, same classes
 
 Runs, each with the project's own command: synth --world open, pretrain-clip, train-maskformer (seen
